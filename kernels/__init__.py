@@ -1,0 +1,1 @@
+"""Shared engine core: KV-cache format, block manager, attention ops, sampling, checkpoints, tokenizer."""

@@ -1,0 +1,1 @@
+"""The paged KV-cache format and its block manager."""

@@ -1,0 +1,26 @@
+"""Shared fixtures. Triton kernels run under the interpreter when no GPU is present."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any module decorates a kernel with @triton.jit.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of the embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF), pulled into the cache once."""
+    override = os.environ.get("HYBRID_GATEWAY_TEST_GGUF")
+    if override:
+        return Path(override)
+    from kernels.checkpoints.store import ensure_default_model
+
+    return ensure_default_model()
