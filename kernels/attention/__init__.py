@@ -1,0 +1,121 @@
+"""Paged attention ops on the shared KV-cache format, with one dispatch point.
+
+Every op takes ``impl``:
+
+* ``"auto"``   Triton when the tensors are on CUDA and Triton imports, else ``"torch"``.
+* ``"triton"`` the Triton kernels. On CPU tensors they run only under ``TRITON_INTERPRET=1`` set before
+  this package is imported (that is how the tests run them); otherwise a ``ValueError`` says so.
+* ``"torch"``  the PyTorch twins in :mod:`kernels.attention.reference` (the CPU path); they loop over
+  sequences, never over tokens.
+
+>>> from kernels.attention import AttentionMetadata, attention
+>>> meta = AttentionMetadata.build([[0]], context_lens=[0], query_lens=[3], block_size=16, device="cpu")
+>>> k_cache = v_cache = torch.zeros(1, 16, 1, 64)
+>>> q, k, v = torch.randn(3, 2, 64), torch.randn(3, 1, 64), torch.randn(3, 1, 64)
+>>> attention(q, k, v, k_cache, v_cache, meta, scale=0.125).shape
+torch.Size([3, 2, 64])
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from kernels.attention.metadata import AttentionMetadata, check_write_kv_inputs
+from kernels.attention.reference import (
+    dense_attention_ref,
+    paged_decode_ref,
+    paged_prefill_ref,
+    write_kv_ref,
+)
+
+try:
+    import triton.runtime.interpreter as _triton_interpreter
+
+    from kernels.attention.cache_write import write_kv_kernel, write_kv_triton
+    from kernels.attention.decode import paged_decode_triton
+    from kernels.attention.prefill import paged_prefill_triton
+
+    TRITON_AVAILABLE = True
+    # Fixed when the kernels were decorated: TRITON_INTERPRET=1 must be set before this package is imported.
+    TRITON_INTERPRETED = isinstance(write_kv_kernel, _triton_interpreter.InterpretedFunction)
+except ModuleNotFoundError as exc:  # triton is a declared dependency, but some platforms have no wheel
+    if exc.name is None or exc.name.split(".")[0] != "triton":
+        raise
+    TRITON_AVAILABLE = TRITON_INTERPRETED = False
+
+Impl = Literal["auto", "triton", "torch"]
+IMPLS = ("auto", "triton", "torch")
+
+__all__ = [
+    "AttentionMetadata",
+    "IMPLS",
+    "Impl",
+    "TRITON_AVAILABLE",
+    "attention",
+    "dense_attention_ref",
+    "paged_decode",
+    "paged_decode_ref",
+    "paged_prefill",
+    "paged_prefill_ref",
+    "resolve_impl",
+    "write_kv",
+    "write_kv_ref",
+]
+
+
+def resolve_impl(impl: str, q: torch.Tensor) -> Literal["triton", "torch"]:
+    """Turn ``impl`` into the implementation that will run on ``q``'s device, or raise ``ValueError``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if q.is_cuda and TRITON_AVAILABLE else "torch"
+    if impl == "triton":
+        if not TRITON_AVAILABLE:
+            raise ValueError("impl='triton' but triton is not installed; use impl='torch' or 'auto'")
+        if not q.is_cuda and not TRITON_INTERPRETED:
+            raise ValueError(f"impl='triton' needs CUDA tensors (got device {q.device}); on CPU the kernels run "
+                             "only under TRITON_INTERPRET=1 set before kernels.attention is imported")
+    return impl
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, impl: Impl = "auto") -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into slots ``slot_mapping`` (-1 = skip), in place."""
+    if resolve_impl(impl, key) == "triton":
+        write_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+        return
+    check_write_kv_inputs(key, value, k_cache, v_cache, slot_mapping)
+    write_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                  scale: float, impl: Impl = "auto") -> torch.Tensor:
+    """Causal varlen attention of the new tokens q [num_tokens, num_heads, head_dim] over their cached sequences."""
+    if resolve_impl(impl, q) == "triton":
+        return paged_prefill_triton(q, k_cache, v_cache, meta, scale)
+    meta.check_inputs(q, k_cache, v_cache, decode=False)
+    return paged_prefill_ref(q, k_cache, v_cache, meta, scale)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                 scale: float, impl: Impl = "auto") -> torch.Tensor:
+    """Attention of one query per sequence, q [num_seqs, num_heads, head_dim], over its whole cached sequence."""
+    if resolve_impl(impl, q) == "triton":
+        return paged_decode_triton(q, k_cache, v_cache, meta, scale)
+    meta.check_inputs(q, k_cache, v_cache, decode=True)
+    return paged_decode_ref(q, k_cache, v_cache, meta, scale)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              meta: AttentionMetadata, scale: float, impl: Impl = "auto") -> torch.Tensor:
+    """One layer's attention in the model forward: cache the new K/V, then decode or prefill.
+
+    q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
+    k_cache, v_cache: this layer's [num_blocks, block_size, num_kv_heads, head_dim].
+    """
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping, impl=impl)
+    if meta.is_decode:
+        return paged_decode(q, k_cache, v_cache, meta, scale, impl=impl)
+    return paged_prefill(q, k_cache, v_cache, meta, scale, impl=impl)
