@@ -2,6 +2,8 @@
 
     hybrid-gateway models pull|list|verify     the local model cache
     hybrid-gateway generate "prompt"           stream a chat reply from a model on this machine
+    hybrid-gateway router train|eval|calibrate|export-onnx|score   the edge/cloud router
+    hybrid-gateway bench router                router speed
 
 Arguments are parsed only inside :func:`main`; nothing runs at import.
 """
@@ -17,12 +19,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gateway.routing.bench import bench_router_command
+from gateway.routing.cli import app as router_app
+from gateway.routing.errors import RouterError
 from kernels.errors import EngineError
 
 app = typer.Typer(name="hybrid-gateway", no_args_is_help=True, add_completion=False,
                   help="Serve LLM requests on an edge and a cloud tier behind one router.")
 models_app = typer.Typer(no_args_is_help=True, help="Manage the local model cache.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and save JSON.")
 app.add_typer(models_app, name="models")
+app.add_typer(router_app, name="router")
+app.add_typer(bench_app, name="bench")
+bench_app.command("router")(bench_router_command)
 
 err_console = Console(stderr=True)
 
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         err_console.print("aborted")
         return 130
-    except EngineError as exc:
+    except (EngineError, RouterError) as exc:
         err_console.print(f"[red]error:[/] {exc}")
         return 1
     return result if isinstance(result, int) else 0
