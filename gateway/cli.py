@@ -112,6 +112,45 @@ def generate_cmd(
     sys.stdout.write(decoder.flush() + "\n")
 
 
+@bench_app.command("edge")
+def bench_edge(
+    model: Annotated[str | None, typer.Option(help="GGUF file, HF directory, or a cached model name.")] = None,
+    quant: Annotated[str, typer.Option(help="Edge weights: int4 | int8 | fp32.")] = "int4",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for ours and every peer (default: cores).")] = None,
+    peers: Annotated[str, typer.Option(help="Comma-separated peers to run if installed "
+                                             "(set up with `python bench/peers/setup.py`); empty = none.")]
+    = "ortgenai,transformers,llamacpp",
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Measured runs per figure (median reported).")] = 3,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrent request counts.")] = "4,16,64",
+    prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths for TTFT.")] = "16,128,512",
+    block_size: Annotated[int, typer.Option(help="KV block size (tokens).")] = 16,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget of one engine step.")] = 512,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON and PNG go.")] = Path("bench/results"),
+) -> None:
+    """Edge engine vs installed peers, same protocol, same run: decode/prefill/TTFT/aggregate, KV waste, bandwidth."""
+    from edge.bench import decode_bytes_per_token, run_edge_bench
+    from edge.runner import OnnxRunner, physical_cores
+    from kernels.checkpoints import load_checkpoint
+    from kernels.checkpoints.store import resolve_model
+    from kernels.engine import EngineConfig, EngineCore
+    from kernels.tokenizer import Tokenizer
+
+    threads = threads or physical_cores()
+    checkpoint = load_checkpoint(resolve_model(model, console=err_console))
+    runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads)
+    tokenizer = Tokenizer.from_checkpoint(checkpoint)
+    config = EngineConfig(block_size=block_size, max_num_batched_tokens=max_num_batched_tokens)
+    core = EngineCore(runner, tokenizer, config, checkpoint.fingerprint)
+    describe = {"engine": "hybrid-gateway edge", "quant": quant, "threads": threads,
+                "weights_bytes": decode_bytes_per_token(runner.model.paths, runner.config), "block_size": block_size}
+    protocol = {"new_tokens": new_tokens, "repeats": repeats,
+                "concurrency": [int(c) for c in concurrency.split(",") if c],
+                "prompt_lengths": [int(n) for n in prompt_lengths.split(",") if n]}
+    run_edge_bench(core, tokenizer, describe, peers=[p for p in peers.split(",") if p],
+                   protocol_overrides=protocol, out_dir=out_dir, threads=threads, console=err_console)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hybrid-gateway`` script; returns the exit code."""
     try:

@@ -1,0 +1,102 @@
+"""Batch-1 greedy decode speed of the edge runner (ONNX Runtime dense parts + kernels attention).
+
+    python bench/edge_decode.py --quant int4 --new-tokens 64 --threads 2
+
+Prints prefill time, decode tok/s and a per-step breakdown of a decode step: time inside ONNX Runtime
+(sessions replayed alone on the same bound buffers), time inside ``kernels.attention`` (the layer calls
+replayed alone), and the Python glue that remains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from edge.runner import OnnxRunner
+from kernels.attention import attention
+from kernels.checkpoints import load_checkpoint
+from kernels.checkpoints.store import resolve_model
+from kernels.kv_cache.layout import KVCacheSpec
+from kernels.runner import ModelInput
+from kernels.tokenizer import Tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--quant", default="int4", choices=("int4", "int8", "fp32"))
+    parser.add_argument("--accuracy-level", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    ckpt = load_checkpoint(resolve_model(args.model))
+    t0 = time.perf_counter()
+    runner = OnnxRunner(ckpt, args.quant, accuracy_level=args.accuracy_level, intra_op_num_threads=args.threads)
+    print(f"load/build: {time.perf_counter() - t0:.2f}s (reused cache: {runner.model.reused}), "
+          f"threads={runner.intra_op_num_threads}, dir={runner.model.directory}")
+    tok = Tokenizer.from_checkpoint(ckpt)
+    prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    cfg, bs = runner.config, 16
+    total = len(prompt) + args.new_tokens
+    spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks=-(-total // bs), block_size=bs)
+    table = list(range(spec.num_blocks))
+
+    rates = []
+    for _ in range(args.repeats):
+        cache = spec.allocate()
+        t0 = time.perf_counter()
+        logits = runner.execute(ModelInput.build([prompt], [0], [table], [True], bs), cache)
+        prefill_s = time.perf_counter() - t0
+        tokens = [int(logits.argmax(-1))]
+        t0 = time.perf_counter()
+        for i in range(args.new_tokens - 1):
+            batch = ModelInput.build([[tokens[-1]]], [len(prompt) + i], [table], [True], bs)
+            tokens.append(int(runner.execute(batch, cache).argmax(-1)))
+        decode_s = time.perf_counter() - t0
+        rates.append((args.new_tokens - 1) / decode_s)
+        print(f"prefill {len(prompt)} tokens: {prefill_s * 1e3:.1f} ms; decode {args.new_tokens - 1} tokens: "
+              f"{rates[-1]:.1f} tok/s")
+    print(f"text: {tok.decode(tokens)!r}")
+    print(f"decode tok/s: median {statistics.median(rates):.1f}, best {max(rates):.1f}")
+
+    # Breakdown of one decode step at position len(prompt) + new_tokens - 1 (cache full of real K/V).
+    batch = ModelInput.build([[tokens[-1]]], [total - 1], [table], [True], bs)
+    n = 50
+    t0 = time.perf_counter()
+    for _ in range(n):
+        runner.execute(batch, cache)
+    step_s = (time.perf_counter() - t0) / n
+    step = runner._step_buffers(1, 1)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for run in step.runs:
+            run(runner._run_options)
+    ort_s = (time.perf_counter() - t0) / n
+    c = cfg
+    q = step.q.view(1, c.num_heads, c.head_dim)
+    k = step.k.view(1, c.num_kv_heads, c.head_dim)
+    v = step.v.view(1, c.num_kv_heads, c.head_dim)
+    if runner.attention_threads is not None:
+        torch.set_num_threads(runner.attention_threads)  # as execute() does
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for layer in range(c.num_layers):
+            attention(q, k, v, cache[layer, 0], cache[layer, 1], batch.attn, runner.scale, impl=runner.attention_impl)
+    attn_s = (time.perf_counter() - t0) / n
+    t0 = time.perf_counter()
+    for _ in range(n):
+        ModelInput.build([[tokens[-1]]], [total - 1], [table], [True], bs)
+    build_s = (time.perf_counter() - t0) / n
+    print(f"decode step {step_s * 1e3:.2f} ms = ORT {ort_s * 1e3:.2f} ms ({len(runner.sessions)} sessions) + "
+          f"attention {attn_s * 1e3:.2f} ms ({c.num_layers} calls) + glue {(step_s - ort_s - attn_s) * 1e3:.2f} ms; "
+          f"(ModelInput.build outside the step: {build_s * 1e3:.2f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,367 @@
+"""ONNX graphs for the dense parts of a Llama / Qwen2 decoder, built straight from checkpoint weights.
+
+No torch export: every node is written with ``onnx.helper``. Attention is *not* in the graphs; it runs
+between them through ``kernels.attention`` on the shared paged KV cache. One step therefore runs
+``num_layers + 1`` graphs, each ending where a layer's attention begins::
+
+    pre          input_ids, positions -> embed -> RMSNorm(layer 0) -> QKV -> RoPE -> q, k, v, residual, cos, sin
+    layer_i      attn_i, residual, cos, sin -> o_proj(i) + residual -> RMSNorm -> SwiGLU MLP(i) + residual
+   (i < L-1)        -> RMSNorm(layer i+1) -> QKV(i+1) -> RoPE -> q, k, v, residual
+    final        attn_{L-1}, residual, logits_indices -> gather rows -> o_proj + residual -> MLP + residual
+                    -> final RMSNorm -> LM head -> logits [num_sampled, vocab]
+
+Linear layers are ``MatMulNBits`` (com.microsoft; int4 or int8, block-wise asymmetric, see
+:mod:`edge.quantize`) or plain ``MatMul`` for ``quant="fp32"``. q/k/v and gate/up are each fused into
+one matmul. RMSNorm is ONNX ``RMSNormalization``, or com.microsoft ``SkipSimplifiedLayerNormalization`` when it follows
+a residual add; RoPE is ONNX
+``RotaryEmbedding`` (opset 23, rotate-half) fed per-token cos/sin gathered from tables computed with the
+reference model's ``rope_inv_freq``. The embedding is a float32 ``Gather`` (exact rows); a tied LM head
+is the same matrix, quantized.
+
+Built models are cached on disk, keyed by checkpoint fingerprint, options and :data:`GRAPH_VERSION`::
+
+    <cache root>/onnx/<fingerprint[:16]>-<quant>[-bs<block_size>-acc<accuracy_level>]-g<GRAPH_VERSION>/
+        manifest.json   pre.onnx  pre.onnx.data  layer_000.onnx  layer_000.onnx.data ...  final.onnx  final.onnx.data
+
+where ``<cache root>`` is the parent of ``kernels.checkpoints.store.cache_dir()`` (``$HYBRID_GATEWAY_CACHE``
+when set). A build is written to a temporary directory and renamed into place, so an entry is complete or
+absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from edge.quantize import check_quant_params, quantize_blockwise
+from kernels.checkpoints import Checkpoint, ModelConfig, load_checkpoint
+from kernels.checkpoints.store import cache_dir
+from kernels.model import rope_inv_freq
+
+GRAPH_VERSION = 1
+OPSET = 23  # RotaryEmbedding
+IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would default to 14
+QUANTS = ("int4", "int8", "fp32")
+_BITS = {"int4": 4, "int8": 8}
+DEFAULT_ACCURACY_LEVEL = {"int4": 4, "int8": 0, "fp32": 0}
+MANIFEST = "manifest.json"
+
+Quant = Literal["int4", "int8", "fp32"]
+
+
+@dataclass(frozen=True, slots=True)
+class BuildOptions:
+    """How the dense graphs are built.
+
+    ``accuracy_level`` is MatMulNBits' compute type on CPU: 0 = float activations, 4 = activations
+    quantized to int8 per block (3-4x faster matmuls, ~0.5% relative error each). ``None`` picks
+    :data:`DEFAULT_ACCURACY_LEVEL`: 4 for int4 (speed is why one picks int4; on SmolLM2 its quality loss
+    comes from the 4-bit weights, not the activations), 0 for int8 (fidelity is why one picks int8).
+
+    >>> BuildOptions(quant="int8").key("0123456789abcdef0123")
+    '0123456789abcdef-int8-bs32-acc0-g1'
+    """
+
+    quant: Quant = "int4"
+    block_size: int = 32
+    accuracy_level: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant must be one of {QUANTS}, got {self.quant!r}")
+        if self.accuracy_level is None:
+            object.__setattr__(self, "accuracy_level", DEFAULT_ACCURACY_LEVEL[self.quant])
+        if self.quant != "fp32":
+            check_quant_params(_BITS[self.quant], self.block_size)
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level must be one of 0..4, got {self.accuracy_level!r}")
+
+    @property
+    def bits(self) -> int | None:
+        return _BITS.get(self.quant)
+
+    def key(self, fingerprint: str) -> str:
+        if self.quant == "fp32":
+            return f"{fingerprint[:16]}-fp32-g{GRAPH_VERSION}"
+        return f"{fingerprint[:16]}-{self.quant}-bs{self.block_size}-acc{self.accuracy_level}-g{GRAPH_VERSION}"
+
+
+@dataclass(frozen=True, slots=True)
+class OnnxModel:
+    """A built (or reused) set of graphs for one checkpoint and :class:`BuildOptions`."""
+
+    directory: Path
+    config: ModelConfig
+    options: BuildOptions
+    fingerprint: str
+    reused: bool  # True when the cache already held this build
+    graphs: tuple[str, ...] = field(default=())  # file names in run order: pre, layer_000.., final
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.directory / name for name in self.graphs]
+
+
+def onnx_cache_root() -> Path:
+    """``$HYBRID_GATEWAY_CACHE/onnx`` (or the user cache dir's ``hybrid-gateway/onnx``)."""
+    return cache_dir().parent / "onnx"
+
+
+def graph_names(num_layers: int) -> tuple[str, ...]:
+    return ("pre.onnx", *(f"layer_{i:03d}.onnx" for i in range(num_layers - 1)), "final.onnx")
+
+
+def build_onnx_model(checkpoint: Checkpoint | str | os.PathLike[str], options: BuildOptions | None = None, *,
+                     cache_root: Path | None = None, force: bool = False,
+                     console: Console | None = None) -> OnnxModel:
+    """Build the graphs for ``checkpoint`` (or reuse the cached build) and return where they are.
+
+    >>> model = build_onnx_model("SmolLM2-135M-Instruct.Q4_1.gguf", BuildOptions(quant="int4"))  # doctest: +SKIP
+    >>> model.paths[0].name
+    'pre.onnx'
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    options = options or BuildOptions()
+    if not isinstance(options, BuildOptions):
+        raise ValueError(f"options must be a BuildOptions, got {type(options).__name__}")
+    config = ckpt.config
+    fingerprint = ckpt.fingerprint
+    root = Path(cache_root) if cache_root is not None else onnx_cache_root()
+    target = root / options.key(fingerprint)
+    names = graph_names(config.num_layers)
+    if not force and _is_complete(target, fingerprint, names):
+        return OnnxModel(target, config, options, fingerprint, reused=True, graphs=names)
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
+    try:
+        _write_graphs(ckpt, options, tmp, console or Console(stderr=True))
+        manifest = {"graph_version": GRAPH_VERSION, "fingerprint": fingerprint, "options": asdict(options),
+                    "config": config.to_dict(), "graphs": list(names), "built_at": time.time()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if target.exists():  # force=True, or a stale/incomplete entry
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)  # atomic on one filesystem
+        except OSError:
+            if not _is_complete(target, fingerprint, names):  # not a concurrent builder winning the race
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return OnnxModel(target, config, options, fingerprint, reused=False, graphs=names)
+
+
+def _is_complete(directory: Path, fingerprint: str, names: tuple[str, ...]) -> bool:
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (data.get("fingerprint") == fingerprint and data.get("graph_version") == GRAPH_VERSION
+            and all((directory / n).is_file() for n in names))
+
+
+def _write_graphs(ckpt: Checkpoint, options: BuildOptions, out: Path, console: Console) -> None:
+    config = ckpt.config
+    weights = _WeightReader(ckpt)
+    names = graph_names(config.num_layers)
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"Building ONNX graphs ({options.quant})", total=len(names))
+        for index, name in enumerate(names):
+            progress.update(task, description=f"Building {name} ({options.quant})")
+            g = _Graph(name.removesuffix(".onnx"), config, options)
+            if index == 0:
+                g.build_pre(weights)
+            elif name == "final.onnx":
+                g.build_final(weights, config.num_layers - 1)
+            else:
+                g.build_mid(weights, index - 1)
+            g.save(out / name)
+            progress.advance(task)
+
+
+class _WeightReader:
+    """Float32 numpy weights by HF name, with the fused q/k/v and gate/up matrices."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.config = ckpt.config
+
+    def get(self, name: str) -> np.ndarray:
+        return self.ckpt.get_tensor(name, dtype=torch.float32).numpy()
+
+    def qkv(self, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
+        p = f"model.layers.{layer}.self_attn."
+        w = np.concatenate([self.get(p + f"{x}_proj.weight") for x in "qkv"], axis=0)
+        b = np.concatenate([self.get(p + f"{x}_proj.bias") for x in "qkv"]) if self.config.attention_bias else None
+        return w, b
+
+    def gate_up(self, layer: int) -> np.ndarray:
+        p = f"model.layers.{layer}.mlp."
+        return np.concatenate([self.get(p + "gate_proj.weight"), self.get(p + "up_proj.weight")], axis=0)
+
+    def lm_head(self) -> np.ndarray:
+        return self.get("model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
+
+
+class _Graph:
+    """One graph under construction: nodes, initializers, inputs and outputs."""
+
+    def __init__(self, name: str, config: ModelConfig, options: BuildOptions) -> None:
+        self.name, self.config, self.options = name, config, options
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        c = config
+        self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> list[str]:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}", domain=domain,
+                                           **attrs))
+        return outputs
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def input(self, name: str, dtype: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        return name
+
+    def output(self, name: str, dtype: int, shape: list) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
+
+    def save(self, path: Path) -> None:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
+        model = helper.make_model(graph, ir_version=IR_VERSION, producer_name="hybrid-gateway.edge",
+                                  opset_imports=[helper.make_opsetid("", OPSET),
+                                                 helper.make_opsetid("com.microsoft", 1)])
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+
+    # -- layers ---------------------------------------------------------------------------------------------
+    def linear(self, x: str, weight: np.ndarray, prefix: str, bias: np.ndarray | None = None) -> str:
+        """x [T, K] @ weight[N, K]^T (+ bias) -> [T, N]."""
+        n, k = weight.shape
+        out = f"{prefix}_out"
+        if self.options.quant == "fp32":
+            self.node("MatMul", [x, self.init(prefix + "_wT", weight.T.astype(np.float32))], [out])
+        else:
+            qw = quantize_blockwise(weight, self.options.bits, self.options.block_size)
+            self.node("MatMulNBits", [x, self.init(prefix + "_q", qw.packed), self.init(prefix + "_scales", qw.scales),
+                                      self.init(prefix + "_zp", qw.zero_points)], [out], domain="com.microsoft",
+                      K=k, N=n, bits=qw.bits, block_size=qw.block_size, accuracy_level=self.options.accuracy_level)
+        if bias is not None:
+            out = self.node("Add", [out, self.init(prefix + "_bias", bias.astype(np.float32))], [prefix + "_biased"])[0]
+        return out
+
+    def rms_norm(self, x: str, weight: np.ndarray, prefix: str) -> str:
+        return self.node("RMSNormalization", [x, self.init(prefix + "_gamma", weight)], [prefix + "_out"],
+                         axis=-1, epsilon=self.config.rms_norm_eps)[0]
+
+    def add_rms_norm(self, x: str, residual: str, weight: np.ndarray, prefix: str) -> tuple[str, str]:
+        """(RMSNorm(x + residual), x + residual) in one fused node."""
+        normed, total = prefix + "_out", prefix + "_sum"
+        self.node("SkipSimplifiedLayerNormalization", [x, residual, self.init(prefix + "_gamma", weight)],
+                  [normed, "", "", total], domain="com.microsoft", epsilon=self.config.rms_norm_eps)
+        return normed, total
+
+    def qkv_rope(self, h: str, w: _WeightReader, layer: int) -> None:
+        """Graph outputs q [T, q_size], k, v [T, kv_size] of ``layer`` from its normed input ``h``."""
+        c, q, kv = self.config, self.q_size, self.kv_size
+        weight, bias = w.qkv(layer)
+        qkv = self.linear(h, weight, f"l{layer}_qkv", bias)
+        qk, _ = self.node("Split", [qkv, self.init(f"l{layer}_split_qkv", np.array([q + kv, kv]))],
+                          [f"l{layer}_qk", "v"], axis=1)
+        # RotaryEmbedding wants [batch, seq, heads * head_dim]; q and k heads rotate alike, so rope them together.
+        qk3 = self.node("Reshape", [qk, self.init("shape_1tx", np.array([1, -1, q + kv]))], [f"l{layer}_qk3"])[0]
+        rot = self.node("RotaryEmbedding", [qk3, "cos", "sin"], [f"l{layer}_qk_rot"],
+                        num_heads=c.num_heads + c.num_kv_heads, interleaved=0)[0]
+        rot2 = self.node("Reshape", [rot, self.init("shape_tx", np.array([-1, q + kv]))], [f"l{layer}_qk_rot2"])[0]
+        self.node("Split", [rot2, self.init("split_qk", np.array([q, kv]))], ["q", "k"], axis=1)
+        self.output("q", TensorProto.FLOAT, ["T", q])
+        self.output("k", TensorProto.FLOAT, ["T", kv])
+        self.output("v", TensorProto.FLOAT, ["T", kv])
+
+    def attn_out_mlp(self, attn: str, residual: str, w: _WeightReader, layer: int, next_norm: np.ndarray,
+                     next_prefix: str) -> tuple[str, str]:
+        """o_proj + residual, post-attention norm, SwiGLU MLP + residual, then ``next_norm``: (normed, residual)."""
+        p = f"model.layers.{layer}."
+        inter = self.config.intermediate_size
+        o = self.linear(attn, w.get(p + "self_attn.o_proj.weight"), f"l{layer}_o")
+        h, res = self.add_rms_norm(o, residual, w.get(p + "post_attention_layernorm.weight"), f"l{layer}_post_norm")
+        gu = self.linear(h, w.gate_up(layer), f"l{layer}_gate_up")
+        gate, up = self.node("Split", [gu, self.init(f"l{layer}_split_gu", np.array([inter, inter]))],
+                             [f"l{layer}_gate", f"l{layer}_up"], axis=1)
+        sig = self.node("Sigmoid", [gate], [f"l{layer}_sig"])[0]
+        silu = self.node("Mul", [gate, sig], [f"l{layer}_silu"])[0]
+        act = self.node("Mul", [silu, up], [f"l{layer}_act"])[0]
+        down = self.linear(act, w.get(p + "mlp.down_proj.weight"), f"l{layer}_down")
+        return self.add_rms_norm(down, res, next_norm, next_prefix)
+
+    # -- the three graph kinds ------------------------------------------------------------------------------
+    def build_pre(self, w: _WeightReader) -> None:
+        c = self.config
+        ids = self.input("input_ids", TensorProto.INT64, ["T"])
+        positions = self.input("positions", TensorProto.INT64, ["T"])
+        x = self.node("Gather", [self.init("embed_tokens", w.get("model.embed_tokens.weight")), ids], ["residual"])[0]
+        self.output("residual", TensorProto.FLOAT, ["T", c.hidden_size])
+        # cos/sin tables [max_positions, head_dim / 2], the same float32 math as TransformerModel.rope.
+        inv_freq = rope_inv_freq(c)
+        freqs = torch.arange(c.max_position_embeddings).float().unsqueeze(-1) * inv_freq.unsqueeze(0)
+        axes = self.init("axes0", np.array([0]))
+        for fn, table in (("cos", freqs.cos()), ("sin", freqs.sin())):
+            rows = self.node("Gather", [self.init(f"{fn}_table", table.numpy()), positions], [f"{fn}_rows"])[0]
+            self.node("Unsqueeze", [rows, axes], [fn])  # [1, T, head_dim / 2]
+            self.output(fn, TensorProto.FLOAT, [1, "T", c.head_dim // 2])
+        h = self.rms_norm(x, w.get("model.layers.0.input_layernorm.weight"), "l0_input_norm")
+        self.qkv_rope(h, w, 0)
+
+    def _attn_inputs(self) -> tuple[str, str]:
+        attn = self.input("attn", TensorProto.FLOAT, ["T", self.q_size])
+        residual = self.input("residual", TensorProto.FLOAT, ["T", self.config.hidden_size])
+        return attn, residual
+
+    def build_mid(self, w: _WeightReader, layer: int) -> None:
+        c = self.config
+        attn, residual = self._attn_inputs()
+        for fn in ("cos", "sin"):
+            self.input(fn, TensorProto.FLOAT, [1, "T", c.head_dim // 2])
+        next_norm = w.get(f"model.layers.{layer + 1}.input_layernorm.weight")
+        h, res = self.attn_out_mlp(attn, residual, w, layer, next_norm, f"l{layer + 1}_input_norm")
+        self.node("Identity", [res], ["residual_out"])
+        self.output("residual_out", TensorProto.FLOAT, ["T", c.hidden_size])
+        self.qkv_rope(h, w, layer + 1)
+
+    def build_final(self, w: _WeightReader, layer: int) -> None:
+        c = self.config
+        attn, residual = self._attn_inputs()
+        idx = self.input("logits_indices", TensorProto.INT64, ["S"])
+        # Only the sampled rows need the last MLP, the final norm and the LM head.
+        attn_s = self.node("Gather", [attn, idx], ["attn_rows"], axis=0)[0]
+        res_s = self.node("Gather", [residual, idx], ["residual_rows"], axis=0)[0]
+        h, _ = self.attn_out_mlp(attn_s, res_s, w, layer, w.get("model.norm.weight"), "final_norm")
+        logits = self.linear(h, w.lm_head(), "lm_head")
+        self.node("Identity", [logits], ["logits"])
+        self.output("logits", TensorProto.FLOAT, ["S", c.vocab_size])
+

@@ -1,0 +1,251 @@
+"""The edge model runner: ONNX Runtime for the dense parts, ``kernels.attention`` in between.
+
+One step runs ``num_layers + 1`` ONNX Runtime sessions (see :mod:`edge.builder` for the graph split)
+and ``num_layers`` attention calls on the shared paged KV cache. Per-step overhead is kept low by
+binding every session's inputs and outputs once to preallocated torch buffers (IOBinding over the
+tensors' memory, no copies through numpy): a step then only copies the batch's ids into the bound
+buffers and calls ``run_with_iobinding`` per session. Buffers and bindings are cached per
+``(num_tokens, num_sampled)``, so decode steps of one batch size reuse the same ones.
+
+On CUDA the sessions use the CUDA provider on torch's current stream, the buffers are CUDA tensors and
+nothing is copied to the host (untested here: no GPU on the development machines).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from edge.builder import BuildOptions, OnnxModel, Quant, build_onnx_model
+from kernels.attention import IMPLS, attention
+from kernels.checkpoints import Checkpoint, ModelConfig
+from kernels.runner import ModelInput
+
+_MAX_CACHED_SHAPES = 8
+_global_pool_threads: int | None = None  # intra-op size of ORT's process-wide CPU thread pool, once created
+_NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyper-threads share one core's matmul units)."""
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+    except ImportError:
+        cores = None
+    return max(1, min(cores or os.cpu_count() or 1, len(os.sched_getaffinity(0))))
+
+
+class OnnxRunner:
+    """A :class:`kernels.runner.ModelRunner` on ONNX Runtime.
+
+    ``checkpoint`` is a :class:`Checkpoint` or a path :func:`kernels.checkpoints.load_checkpoint` opens; the
+    graphs are built (or reused) by :func:`edge.builder.build_onnx_model` with ``quant``, ``block_size`` and
+    ``accuracy_level`` (see :class:`edge.builder.BuildOptions`). ``intra_op_num_threads`` defaults to the
+    physical cores; above 1 it sizes ORT's process-wide pool, which the first runner creates and later ones
+    share (``self.intra_op_num_threads`` says the size in force). ``providers`` defaults to CUDA when torch
+    sees a GPU, else CPU. ``attention_threads`` is torch's thread count during a CPU step (``None`` leaves it).
+    One runner executes one step at a time (its bound buffers are reused across steps).
+
+    >>> runner = OnnxRunner("SmolLM2-135M-Instruct.Q4_1.gguf", quant="int4")  # doctest: +SKIP
+    >>> logits = runner.execute(batch, kv_cache)  # [len(batch.logits_indices), vocab] float32  # doctest: +SKIP
+    """
+
+    def __init__(self, checkpoint: Checkpoint | str | os.PathLike[str], quant: Quant = "int4", *,
+                 block_size: int = 32, accuracy_level: int | None = None, intra_op_num_threads: int | None = None,
+                 providers: Sequence[str] | None = None, attention_impl: str = "auto",
+                 attention_threads: int | None = 1, cache_root: Path | None = None,
+                 force_build: bool = False) -> None:
+        if attention_impl not in IMPLS:
+            raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")
+        if intra_op_num_threads is not None and (not isinstance(intra_op_num_threads, int) or intra_op_num_threads < 1):
+            raise ValueError(f"intra_op_num_threads must be a positive int or None, got {intra_op_num_threads!r}")
+        if attention_threads is not None and (not isinstance(attention_threads, int) or attention_threads < 1):
+            raise ValueError(f"attention_threads must be a positive int or None, got {attention_threads!r}")
+        options = BuildOptions(quant=quant, block_size=block_size, accuracy_level=accuracy_level)
+        self.providers = _resolve_providers(providers)
+        on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+        self.model: OnnxModel = build_onnx_model(checkpoint, options, cache_root=cache_root, force=force_build)
+        self.config: ModelConfig = self.model.config
+        self.attention_impl = attention_impl
+        # torch's intra-op threads while the step runs on CPU. Attention at edge batch sizes is a chain of tiny
+        # ops; handing each to a second thread costs more than it saves (10x slower on a loaded 2-core box).
+        self.attention_threads = attention_threads if self.device.type == "cpu" else None
+        self.intra_op_num_threads = _ensure_global_pool(intra_op_num_threads or physical_cores())
+        self.sessions = [self._session(path) for path in self.model.paths]
+        self._run_options = ort.RunOptions()
+        if self.device.type == "cuda":
+            # Stream order (ORT and torch share one stream) is the only synchronization needed.
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._steps: OrderedDict[tuple[int, int], _StepBuffers] = OrderedDict()
+        c = self.config
+        self.scale = c.head_dim ** -0.5
+
+    def _session(self, path: Path) -> ort.InferenceSession:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if self.intra_op_num_threads > 1:
+            # One pool for all num_layers + 1 sessions: per-session pools would leave num_layers + 1 sets of
+            # spinning workers fighting over the cores (measured 40x slower on a loaded 2-core machine).
+            so.use_per_session_threads = False
+        else:
+            so.intra_op_num_threads = 1
+            so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        providers: list = list(self.providers)
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            providers[0] = ("CUDAExecutionProvider", {"device_id": str(self.device.index),
+                                                      "has_user_compute_stream": "1",
+                                                      "user_compute_stream": str(stream)})
+        return ort.InferenceSession(str(path), so, providers=providers)
+
+    @torch.no_grad()
+    def execute(self, batch: ModelInput, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Write the batch's K/V into ``kv_cache`` layer by layer and return the sampled rows' float32 logits."""
+        self._check_cache(kv_cache)
+        if self.attention_threads is None:
+            return self._execute(batch, kv_cache)
+        saved = torch.get_num_threads()
+        torch.set_num_threads(self.attention_threads)
+        try:
+            return self._execute(batch, kv_cache)
+        finally:
+            torch.set_num_threads(saved)
+
+    def _execute(self, batch: ModelInput, kv_cache: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        num_tokens, num_sampled = batch.input_ids.shape[0], batch.logits_indices.shape[0]
+        step = self._step_buffers(num_tokens, num_sampled)
+        step.input_ids.copy_(batch.input_ids)
+        step.positions.copy_(batch.positions)
+        step.logits_indices.copy_(batch.logits_indices)
+        q = step.q.view(num_tokens, c.num_heads, c.head_dim)
+        k = step.k.view(num_tokens, c.num_kv_heads, c.head_dim)
+        v = step.v.view(num_tokens, c.num_kv_heads, c.head_dim)
+        attn_out = step.attn.view(num_tokens, c.num_heads, c.head_dim)
+        run, opts = step.runs, self._run_options
+        run[0](opts)
+        for layer in range(c.num_layers):
+            out = attention(q, k, v, kv_cache[layer, 0], kv_cache[layer, 1], batch.attn, self.scale,
+                            impl=self.attention_impl)
+            attn_out.copy_(out)
+            if layer == c.num_layers - 1 and num_sampled == 0:
+                break  # nothing to sample (a middle prefill chunk): the cache is written, skip the head
+            run[layer + 1](opts)
+        return step.logits.clone()
+
+    def _check_cache(self, kv_cache: torch.Tensor) -> None:
+        c = self.config
+        if (kv_cache.ndim != 6 or kv_cache.shape[0] != c.num_layers or kv_cache.shape[1] != 2
+                or kv_cache.shape[4:] != (c.num_kv_heads, c.head_dim)):
+            raise ValueError(f"kv_cache must be [num_layers={c.num_layers}, 2, num_blocks, block_size, "
+                             f"num_kv_heads={c.num_kv_heads}, head_dim={c.head_dim}], got {tuple(kv_cache.shape)}")
+        if kv_cache.dtype != torch.float32 or kv_cache.device != self.device:
+            raise ValueError(f"kv_cache must be float32 on {self.device} (the graphs compute in float32), "
+                             f"got {kv_cache.dtype} on {kv_cache.device}")
+
+    def _step_buffers(self, num_tokens: int, num_sampled: int) -> _StepBuffers:
+        key = (num_tokens, num_sampled)
+        step = self._steps.get(key)
+        if step is None:
+            step = _StepBuffers(self, num_tokens, num_sampled)
+            self._steps[key] = step
+            if len(self._steps) > _MAX_CACHED_SHAPES:
+                self._steps.popitem(last=False)
+        else:
+            self._steps.move_to_end(key)
+        return step
+
+
+class _StepBuffers:
+    """Preallocated activations for one ``(num_tokens, num_sampled)`` and every session's IOBinding over them."""
+
+    def __init__(self, runner: OnnxRunner, num_tokens: int, num_sampled: int) -> None:
+        c, dev, f32 = runner.config, runner.device, torch.float32
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
+        self.logits_indices = torch.zeros(num_sampled, dtype=torch.int64, device=dev)
+        self.q = torch.empty(num_tokens, q_size, dtype=f32, device=dev)
+        self.k = torch.empty(num_tokens, kv_size, dtype=f32, device=dev)
+        self.v = torch.empty(num_tokens, kv_size, dtype=f32, device=dev)
+        self.attn = torch.zeros(num_tokens, q_size, dtype=f32, device=dev)
+        # Ping-pong: layer i reads residual[i % 2] and writes residual[(i + 1) % 2].
+        self.residual = [torch.empty(num_tokens, c.hidden_size, dtype=f32, device=dev) for _ in range(2)]
+        self.cos = torch.empty(1, num_tokens, c.head_dim // 2, dtype=f32, device=dev)
+        self.sin = torch.empty_like(self.cos)
+        self.logits = torch.empty(num_sampled, c.vocab_size, dtype=f32, device=dev)
+        qkv = {"q": self.q, "k": self.k, "v": self.v}
+
+        sessions = runner.sessions
+        self.bindings = [_bind(sessions[0], {"input_ids": self.input_ids, "positions": self.positions},
+                               {**qkv, "residual": self.residual[0], "cos": self.cos, "sin": self.sin})]
+        for layer in range(c.num_layers - 1):
+            inputs = {"attn": self.attn, "residual": self.residual[layer % 2], "cos": self.cos, "sin": self.sin}
+            self.bindings.append(_bind(sessions[layer + 1], inputs,
+                                       {**qkv, "residual_out": self.residual[(layer + 1) % 2]}))
+        if num_sampled:  # ORT cannot bind empty buffers; execute() skips the final graph then
+            final_inputs = {"attn": self.attn, "residual": self.residual[(c.num_layers - 1) % 2],
+                            "logits_indices": self.logits_indices}
+            self.bindings.append(_bind(sessions[-1], final_inputs, {"logits": self.logits}))
+        # The pybind calls themselves: InferenceSession.run_with_iobinding's Python wrapper checks for WebGPU
+        # graph capture on every call, ~45 us each (measured), i.e. ~1.4 ms of a 31-session decode step.
+        self.runs = [functools.partial(_run_bound, session._sess, binding._iobinding)
+                     for session, binding in zip(sessions, self.bindings)]
+
+
+def _run_bound(sess, binding, run_options: ort.RunOptions) -> None:
+    sess.run_with_iobinding(binding, run_options)
+
+
+def _bind(session: ort.InferenceSession, inputs: dict[str, torch.Tensor],
+          outputs: dict[str, torch.Tensor]) -> ort.IOBinding:
+    binding = session.io_binding()
+    for bind, tensors in ((binding.bind_input, inputs), (binding.bind_output, outputs)):
+        for name, t in tensors.items():
+            assert t.is_contiguous(), name
+            device_id = t.device.index or 0
+            bind(name, t.device.type, device_id, _NP_DTYPES[t.dtype], list(t.shape), t.data_ptr())
+    return binding
+
+
+def _ensure_global_pool(threads: int) -> int:
+    """Create ORT's global intra-op pool with ``threads`` threads (once per process); returns the size in force."""
+    global _global_pool_threads
+    if threads == 1:
+        return 1
+    if _global_pool_threads is None:
+        ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
+        _global_pool_threads = threads
+    return _global_pool_threads
+
+
+def _resolve_providers(providers: Sequence[str] | None) -> list[str]:
+    available = ort.get_available_providers()
+    if providers is None:
+        # onnxruntime-gpu lists CUDA even on a machine without a GPU: ask torch whether one is there.
+        if "CUDAExecutionProvider" in available and torch.cuda.is_available():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+    providers = list(providers)
+    supported = ("CPUExecutionProvider", "CUDAExecutionProvider")
+    if not providers or any(p not in supported for p in providers):
+        raise ValueError(f"providers must be a non-empty list from {supported}, got {providers!r}")
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise ValueError(f"execution providers {missing} are not available in this onnxruntime build "
+                         f"(available: {available})")
+    if providers[0] == "CUDAExecutionProvider" and not torch.cuda.is_available():
+        raise ValueError("CUDAExecutionProvider requested but torch sees no CUDA device")
+    return providers
