@@ -5,8 +5,8 @@ Every op takes ``impl``:
 * ``"auto"``   Triton when the tensors are on CUDA and Triton imports, else ``"torch"``.
 * ``"triton"`` the Triton kernels. On CPU tensors they run only under ``TRITON_INTERPRET=1`` set before
   this package is imported (that is how the tests run them); otherwise a ``ValueError`` says so.
-* ``"torch"``  the PyTorch twins in :mod:`kernels.attention.reference` (the CPU path); they loop over
-  sequences, never over tokens.
+* ``"torch"``  the PyTorch path in :mod:`kernels.attention.torch_ops` (the CPU path): fused SDPA over
+  K/V gathered once per step; held by tests to the plain twins in :mod:`kernels.attention.reference`.
 
 >>> from kernels.attention import AttentionMetadata, attention
 >>> meta = AttentionMetadata.build([[0]], context_lens=[0], query_lens=[3], block_size=16, device="cpu")
@@ -29,6 +29,7 @@ from kernels.attention.reference import (
     paged_prefill_ref,
     write_kv_ref,
 )
+from kernels.attention.torch_ops import paged_decode_torch, paged_prefill_torch, write_kv_torch
 
 try:
     import triton.runtime.interpreter as _triton_interpreter
@@ -96,7 +97,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if resolve_impl(impl, q) == "triton":
         return paged_prefill_triton(q, k_cache, v_cache, meta, scale)
     meta.check_inputs(q, k_cache, v_cache, decode=False)
-    return paged_prefill_ref(q, k_cache, v_cache, meta, scale)
+    return paged_prefill_torch(q, k_cache, v_cache, meta, scale)
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -105,7 +106,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if resolve_impl(impl, q) == "triton":
         return paged_decode_triton(q, k_cache, v_cache, meta, scale)
     meta.check_inputs(q, k_cache, v_cache, decode=True)
-    return paged_decode_ref(q, k_cache, v_cache, meta, scale)
+    return paged_decode_torch(q, k_cache, v_cache, meta, scale)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -115,7 +116,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
     k_cache, v_cache: this layer's [num_blocks, block_size, num_kv_heads, head_dim].
     """
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping, impl=impl)
+    if resolve_impl(impl, q) == "triton":
+        write_kv_triton(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            return paged_decode_triton(q, k_cache, v_cache, meta, scale)
+        return paged_prefill_triton(q, k_cache, v_cache, meta, scale)
+    # CPU: per-op overhead dominates, so check once and take the fused paths.
+    check_write_kv_inputs(k, v, k_cache, v_cache, meta.slot_mapping)
+    meta.check_inputs(q, k_cache, v_cache, decode=meta.is_decode)
+    write_kv_torch(k, v, k_cache, v_cache, meta)
     if meta.is_decode:
-        return paged_decode(q, k_cache, v_cache, meta, scale, impl=impl)
-    return paged_prefill(q, k_cache, v_cache, meta, scale, impl=impl)
+        return paged_decode_torch(q, k_cache, v_cache, meta, scale)
+    return paged_prefill_torch(q, k_cache, v_cache, meta, scale)
