@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None)
     parser.add_argument("--quant", default="int4", choices=("int4", "int8", "fp32"))
     parser.add_argument("--accuracy-level", type=int, default=None)
+    parser.add_argument("--source", default="auto", choices=("auto", "requantize"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = load_checkpoint(resolve_model(args.model))
     t0 = time.perf_counter()
-    runner = OnnxRunner(ckpt, args.quant, accuracy_level=args.accuracy_level, intra_op_num_threads=args.threads)
+    runner = OnnxRunner(ckpt, args.quant, accuracy_level=args.accuracy_level, source=args.source,
+                        intra_op_num_threads=args.threads)
     print(f"load/build: {time.perf_counter() - t0:.2f}s (reused cache: {runner.model.reused}), "
           f"threads={runner.intra_op_num_threads}, dir={runner.model.directory}")
     tok = Tokenizer.from_checkpoint(ckpt)

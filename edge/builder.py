@@ -11,16 +11,18 @@ between them through ``kernels.attention`` on the shared paged KV cache. One ste
                     -> final RMSNorm -> LM head -> logits [num_sampled, vocab]
 
 Linear layers are ``MatMulNBits`` (com.microsoft; int4 or int8, block-wise asymmetric, see
-:mod:`edge.quantize`) or plain ``MatMul`` for ``quant="fp32"``. q/k/v and gate/up are each fused into
-one matmul. RMSNorm is ONNX ``RMSNormalization``, or com.microsoft ``SkipSimplifiedLayerNormalization`` when it follows
-a residual add; RoPE is ONNX
-``RotaryEmbedding`` (opset 23, rotate-half) fed per-token cos/sin gathered from tables computed with the
-reference model's ``rope_inv_freq``. The embedding is a float32 ``Gather`` (exact rows); a tied LM head
-is the same matrix, quantized.
+:mod:`edge.quantize`) or plain ``MatMul`` for ``quant="fp32"``. With ``source="auto"`` a GGUF matrix stored
+as Q4_0 / Q4_1 / Q8_0 keeps its own codes and scales (:mod:`edge.repack`, lossless; Q4_1 adds a
+``ReduceSum`` + ``Gemm`` correction for its block mins); other matrices are re-quantized from float.
+q/k/v and gate/up are each fused into one matmul. RMSNorm is ONNX ``RMSNormalization``, or com.microsoft
+``SkipSimplifiedLayerNormalization`` when it follows a residual add; RoPE is ONNX ``RotaryEmbedding``
+(opset 23, rotate-half) fed per-token cos/sin gathered from tables computed with the reference model's
+``rope_inv_freq``. The embedding is a float32 ``Gather`` (exact rows); a tied LM head is the same matrix,
+quantized (or repacked).
 
 Built models are cached on disk, keyed by checkpoint fingerprint, options and :data:`GRAPH_VERSION`::
 
-    <cache root>/onnx/<fingerprint[:16]>-<quant>[-bs<block_size>-acc<accuracy_level>]-g<GRAPH_VERSION>/
+    <cache root>/onnx/<fingerprint[:16]>-<quant>[-bs<block_size>-acc<accuracy_level>-<source>]-g<GRAPH_VERSION>/
         manifest.json   pre.onnx  pre.onnx.data  layer_000.onnx  layer_000.onnx.data ...  final.onnx  final.onnx.data
 
 where ``<cache root>`` is the parent of ``kernels.checkpoints.store.cache_dir()`` (``$HYBRID_GATEWAY_CACHE``
@@ -47,19 +49,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from edge.quantize import check_quant_params, quantize_blockwise
-from kernels.checkpoints import Checkpoint, ModelConfig, load_checkpoint
+from edge.repack import GGML_BLOCK_SIZE, REPACKABLE_TYPES, RepackedWeight, concat_repacked, repack_blocks
+from kernels.checkpoints import Checkpoint, GGUFCheckpoint, ModelConfig, load_checkpoint
 from kernels.checkpoints.store import cache_dir
 from kernels.model import rope_inv_freq
 
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2  # 2: GGUF Q4_0/Q4_1/Q8_0 repacked losslessly (BuildOptions.source)
 OPSET = 23  # RotaryEmbedding
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would default to 14
 QUANTS = ("int4", "int8", "fp32")
+SOURCES = ("auto", "requantize")
 _BITS = {"int4": 4, "int8": 8}
 DEFAULT_ACCURACY_LEVEL = {"int4": 4, "int8": 0, "fp32": 0}
 MANIFEST = "manifest.json"
 
 Quant = Literal["int4", "int8", "fp32"]
+Source = Literal["auto", "requantize"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +76,20 @@ class BuildOptions:
     :data:`DEFAULT_ACCURACY_LEVEL`: 4 for int4 (speed is why one picks int4; on SmolLM2 its quality loss
     comes from the 4-bit weights, not the activations), 0 for int8 (fidelity is why one picks int8).
 
+    ``source`` says where quantized weights come from. ``"auto"``: a GGUF matrix stored as Q4_0, Q4_1 or
+    Q8_0 (with ``block_size`` 32) is packed from its stored codes, exactly (:mod:`edge.repack`); its bits
+    are then the stored ones (4 for Q4_x, 8 for Q8_0) whatever ``quant`` says, since re-rounding them onto
+    another grid only adds error. Every other matrix is re-quantized from its float values to ``quant``.
+    ``"requantize"``: every matrix is re-quantized (the GRAPH_VERSION 1 behaviour). Ignored for fp32.
+
     >>> BuildOptions(quant="int8").key("0123456789abcdef0123")
-    '0123456789abcdef-int8-bs32-acc0-g1'
+    '0123456789abcdef-int8-bs32-acc0-auto-g2'
     """
 
     quant: Quant = "int4"
     block_size: int = 32
     accuracy_level: int | None = None
+    source: Source = "auto"
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -88,6 +100,8 @@ class BuildOptions:
             check_quant_params(_BITS[self.quant], self.block_size)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be one of 0..4, got {self.accuracy_level!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
 
     @property
     def bits(self) -> int | None:
@@ -96,7 +110,8 @@ class BuildOptions:
     def key(self, fingerprint: str) -> str:
         if self.quant == "fp32":
             return f"{fingerprint[:16]}-fp32-g{GRAPH_VERSION}"
-        return f"{fingerprint[:16]}-{self.quant}-bs{self.block_size}-acc{self.accuracy_level}-g{GRAPH_VERSION}"
+        return (f"{fingerprint[:16]}-{self.quant}-bs{self.block_size}-acc{self.accuracy_level}-{self.source}"
+                f"-g{GRAPH_VERSION}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +163,10 @@ def build_onnx_model(checkpoint: Checkpoint | str | os.PathLike[str], options: B
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
     try:
-        _write_graphs(ckpt, options, tmp, console or Console(stderr=True))
+        sources = _write_graphs(ckpt, options, tmp, console or Console(stderr=True))
         manifest = {"graph_version": GRAPH_VERSION, "fingerprint": fingerprint, "options": asdict(options),
-                    "config": config.to_dict(), "graphs": list(names), "built_at": time.time()}
+                    "config": config.to_dict(), "graphs": list(names), "linear_sources": sources,
+                    "built_at": time.time()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if target.exists():  # force=True, or a stale/incomplete entry
             shutil.rmtree(target)
@@ -177,9 +193,11 @@ def _is_complete(directory: Path, fingerprint: str, names: tuple[str, ...]) -> b
             and all((directory / n).is_file() for n in names))
 
 
-def _write_graphs(ckpt: Checkpoint, options: BuildOptions, out: Path, console: Console) -> None:
+def _write_graphs(ckpt: Checkpoint, options: BuildOptions, out: Path, console: Console) -> dict[str, int]:
+    """Write every graph into ``out``; returns how many linear layers took their weights from where
+    (``"repacked Q4_1"``, ``"requantized"``, ``"float"``)."""
     config = ckpt.config
-    weights = _WeightReader(ckpt)
+    weights = _WeightReader(ckpt, options)
     names = graph_names(config.num_layers)
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
@@ -196,30 +214,50 @@ def _write_graphs(ckpt: Checkpoint, options: BuildOptions, out: Path, console: C
                 g.build_mid(weights, index - 1)
             g.save(out / name)
             progress.advance(task)
+    return dict(sorted(weights.sources.items()))
 
 
 class _WeightReader:
-    """Float32 numpy weights by HF name, with the fused q/k/v and gate/up matrices."""
+    """Weights by HF name: float32 numpy arrays, and linear weights (fused q/k/v and gate/up) either as float32
+    or, when every part's stored blocks can be repacked at one bit width, as a :class:`RepackedWeight`."""
 
-    def __init__(self, ckpt: Checkpoint) -> None:
+    def __init__(self, ckpt: Checkpoint, options: BuildOptions) -> None:
         self.ckpt = ckpt
         self.config = ckpt.config
+        self.options = options
+        self.repack = (options.quant != "fp32" and options.source == "auto" and isinstance(ckpt, GGUFCheckpoint)
+                       and options.block_size == GGML_BLOCK_SIZE)
+        self.stored_types = ckpt.quant_types()
+        self.sources: dict[str, int] = {}
 
     def get(self, name: str) -> np.ndarray:
         return self.ckpt.get_tensor(name, dtype=torch.float32).numpy()
 
-    def qkv(self, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def linear(self, *names: str) -> np.ndarray | RepackedWeight:
+        """The matrices ``names`` stacked along N (rows)."""
+        types = {self.stored_types[n] for n in names}
+        if self.repack and types <= REPACKABLE_TYPES.keys() and len({REPACKABLE_TYPES[t] for t in types}) == 1:
+            source = "repacked " + "+".join(sorted(types))
+            weight: np.ndarray | RepackedWeight = concat_repacked(
+                [repack_blocks(*self.ckpt.raw_blocks(n)) for n in names])
+        else:
+            source = "float" if self.options.quant == "fp32" else "requantized"
+            weight = np.concatenate([self.get(n) for n in names], axis=0)
+        self.sources[source] = self.sources.get(source, 0) + 1
+        return weight
+
+    def qkv(self, layer: int) -> tuple[np.ndarray | RepackedWeight, np.ndarray | None]:
         p = f"model.layers.{layer}.self_attn."
-        w = np.concatenate([self.get(p + f"{x}_proj.weight") for x in "qkv"], axis=0)
+        w = self.linear(*(p + f"{x}_proj.weight" for x in "qkv"))
         b = np.concatenate([self.get(p + f"{x}_proj.bias") for x in "qkv"]) if self.config.attention_bias else None
         return w, b
 
-    def gate_up(self, layer: int) -> np.ndarray:
+    def gate_up(self, layer: int) -> np.ndarray | RepackedWeight:
         p = f"model.layers.{layer}.mlp."
-        return np.concatenate([self.get(p + "gate_proj.weight"), self.get(p + "up_proj.weight")], axis=0)
+        return self.linear(p + "gate_proj.weight", p + "up_proj.weight")
 
-    def lm_head(self) -> np.ndarray:
-        return self.get("model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
+    def lm_head(self) -> np.ndarray | RepackedWeight:
+        return self.linear("model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
 
 
 class _Graph:
@@ -231,6 +269,7 @@ class _Graph:
         self.inits: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self._consts: set[str] = set()
         c = config
         self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
 
@@ -242,6 +281,12 @@ class _Graph:
 
     def init(self, name: str, array: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        """A small constant shared by the nodes of this graph that need it (added once)."""
+        if name not in self._consts:
+            self._consts.add(self.init(name, array))
         return name
 
     def input(self, name: str, dtype: int, shape: list) -> str:
@@ -260,17 +305,29 @@ class _Graph:
                         location=path.name + ".data", size_threshold=1024)
 
     # -- layers ---------------------------------------------------------------------------------------------
-    def linear(self, x: str, weight: np.ndarray, prefix: str, bias: np.ndarray | None = None) -> str:
+    def linear(self, x: str, weight: np.ndarray | RepackedWeight, prefix: str, bias: np.ndarray | None = None) -> str:
         """x [T, K] @ weight[N, K]^T (+ bias) -> [T, N]."""
-        n, k = weight.shape
         out = f"{prefix}_out"
-        if self.options.quant == "fp32":
+        if isinstance(weight, np.ndarray) and self.options.quant == "fp32":
             self.node("MatMul", [x, self.init(prefix + "_wT", weight.T.astype(np.float32))], [out])
         else:
-            qw = quantize_blockwise(weight, self.options.bits, self.options.block_size)
+            if isinstance(weight, RepackedWeight):
+                qw, mins = weight.weight, weight.mins
+            else:
+                qw, mins = quantize_blockwise(weight, self.options.bits, self.options.block_size), None
             self.node("MatMulNBits", [x, self.init(prefix + "_q", qw.packed), self.init(prefix + "_scales", qw.scales),
                                       self.init(prefix + "_zp", qw.zero_points)], [out], domain="com.microsoft",
-                      K=k, N=n, bits=qw.bits, block_size=qw.block_size, accuracy_level=self.options.accuracy_level)
+                      K=qw.k, N=qw.n, bits=qw.bits, block_size=qw.block_size,
+                      accuracy_level=self.options.accuracy_level)
+            if mins is not None:  # Q4_1's block mins: + (per-block sums of x) @ mins, see edge.repack
+                num_blocks = mins.shape[0]
+                blocks = self.node("Reshape", [x, self.const(f"shape_blocks_{num_blocks}",
+                                                             np.array([-1, num_blocks, qw.block_size]))],
+                                   [prefix + "_x_blocks"])[0]
+                sums = self.node("ReduceSum", [blocks, self.const("axes_last", np.array([-1]))],
+                                 [prefix + "_x_block_sums"], keepdims=0)[0]  # [T, num_blocks]
+                # sums @ mins + out in one Gemm: a MatMul and an Add cost ~35% more per step on ORT CPU.
+                out = self.node("Gemm", [sums, self.init(prefix + "_mins", mins), out], [prefix + "_shifted"])[0]
         if bias is not None:
             out = self.node("Add", [out, self.init(prefix + "_bias", bias.astype(np.float32))], [prefix + "_biased"])[0]
         return out
@@ -308,7 +365,7 @@ class _Graph:
         """o_proj + residual, post-attention norm, SwiGLU MLP + residual, then ``next_norm``: (normed, residual)."""
         p = f"model.layers.{layer}."
         inter = self.config.intermediate_size
-        o = self.linear(attn, w.get(p + "self_attn.o_proj.weight"), f"l{layer}_o")
+        o = self.linear(attn, w.linear(p + "self_attn.o_proj.weight"), f"l{layer}_o")
         h, res = self.add_rms_norm(o, residual, w.get(p + "post_attention_layernorm.weight"), f"l{layer}_post_norm")
         gu = self.linear(h, w.gate_up(layer), f"l{layer}_gate_up")
         gate, up = self.node("Split", [gu, self.init(f"l{layer}_split_gu", np.array([inter, inter]))],
@@ -316,7 +373,7 @@ class _Graph:
         sig = self.node("Sigmoid", [gate], [f"l{layer}_sig"])[0]
         silu = self.node("Mul", [gate, sig], [f"l{layer}_silu"])[0]
         act = self.node("Mul", [silu, up], [f"l{layer}_act"])[0]
-        down = self.linear(act, w.get(p + "mlp.down_proj.weight"), f"l{layer}_down")
+        down = self.linear(act, w.linear(p + "mlp.down_proj.weight"), f"l{layer}_down")
         return self.add_rms_norm(down, res, next_norm, next_prefix)
 
     # -- the three graph kinds ------------------------------------------------------------------------------

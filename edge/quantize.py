@@ -67,9 +67,16 @@ def quantize_blockwise(weight: np.ndarray, bits: int = 4, block_size: int = 32) 
     safe = np.where(scales == 0, 1.0, scales).astype(np.float32)
     zero_points = np.clip(np.rint(-lo / safe), 0, max_code).astype(np.uint8)  # [N, num_blocks]
     codes = np.clip(np.rint(w / safe[..., None]) + zero_points[..., None], 0, max_code).astype(np.uint8)
+    return pack_codes(codes, scales, zero_points, k, bits)
+
+
+def pack_codes(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, k: int, bits: int) -> QuantizedWeight:
+    """``MatMulNBits`` layout of unpacked codes uint8 ``[N, num_blocks, block_size]`` with float32 ``scales`` and
+    uint8 ``zero_points`` ``[N, num_blocks]`` (codes past ``k`` in a ragged last block should be zero points)."""
+    n, num_blocks, block_size = codes.shape
     return QuantizedWeight(
         packed=_pack_rows(codes.reshape(n, -1), bits).reshape(n, num_blocks, block_size * bits // 8),
-        scales=scales.reshape(-1),
+        scales=np.ascontiguousarray(scales, dtype=np.float32).reshape(-1),
         zero_points=_pack_rows(zero_points, bits).reshape(-1),
         n=n, k=k, bits=bits, block_size=block_size,
     )

@@ -23,13 +23,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edge.builder import BuildOptions, OnnxModel, Quant, build_onnx_model
+from edge.builder import BuildOptions, OnnxModel, Quant, Source, build_onnx_model
 from kernels.attention import IMPLS, attention
 from kernels.checkpoints import Checkpoint, ModelConfig
 from kernels.runner import ModelInput
 
 _MAX_CACHED_SHAPES = 8
-_global_pool_threads: int | None = None  # intra-op size of ORT's process-wide CPU thread pool, once created
 _NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
 
 
@@ -48,8 +47,8 @@ class OnnxRunner:
     """A :class:`kernels.runner.ModelRunner` on ONNX Runtime.
 
     ``checkpoint`` is a :class:`Checkpoint` or a path :func:`kernels.checkpoints.load_checkpoint` opens; the
-    graphs are built (or reused) by :func:`edge.builder.build_onnx_model` with ``quant``, ``block_size`` and
-    ``accuracy_level`` (see :class:`edge.builder.BuildOptions`). ``intra_op_num_threads`` defaults to the
+    graphs are built (or reused) by :func:`edge.builder.build_onnx_model` with ``quant``, ``block_size``,
+    ``accuracy_level`` and ``source`` (see :class:`edge.builder.BuildOptions`). ``intra_op_num_threads`` defaults to the
     physical cores; above 1 it sizes ORT's process-wide pool, which the first runner creates and later ones
     share (``self.intra_op_num_threads`` says the size in force). ``providers`` defaults to CUDA when torch
     sees a GPU, else CPU. ``attention_threads`` is torch's thread count during a CPU step (``None`` leaves it).
@@ -60,8 +59,9 @@ class OnnxRunner:
     """
 
     def __init__(self, checkpoint: Checkpoint | str | os.PathLike[str], quant: Quant = "int4", *,
-                 block_size: int = 32, accuracy_level: int | None = None, intra_op_num_threads: int | None = None,
-                 providers: Sequence[str] | None = None, attention_impl: str = "auto",
+                 block_size: int = 32, accuracy_level: int | None = None, source: Source = "auto",
+                 intra_op_num_threads: int | None = None, providers: Sequence[str] | None = None,
+                 attention_impl: str = "auto",
                  attention_threads: int | None = 1, cache_root: Path | None = None,
                  force_build: bool = False) -> None:
         if attention_impl not in IMPLS:
@@ -70,7 +70,7 @@ class OnnxRunner:
             raise ValueError(f"intra_op_num_threads must be a positive int or None, got {intra_op_num_threads!r}")
         if attention_threads is not None and (not isinstance(attention_threads, int) or attention_threads < 1):
             raise ValueError(f"attention_threads must be a positive int or None, got {attention_threads!r}")
-        options = BuildOptions(quant=quant, block_size=block_size, accuracy_level=accuracy_level)
+        options = BuildOptions(quant=quant, block_size=block_size, accuracy_level=accuracy_level, source=source)
         self.providers = _resolve_providers(providers)
         on_cuda = self.providers[0] == "CUDAExecutionProvider"
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
@@ -80,7 +80,7 @@ class OnnxRunner:
         # torch's intra-op threads while the step runs on CPU. Attention at edge batch sizes is a chain of tiny
         # ops; handing each to a second thread costs more than it saves (10x slower on a loaded 2-core box).
         self.attention_threads = attention_threads if self.device.type == "cpu" else None
-        self.intra_op_num_threads = _ensure_global_pool(intra_op_num_threads or physical_cores())
+        self.intra_op_num_threads = intra_op_num_threads or physical_cores()
         self.sessions = [self._session(path) for path in self.model.paths]
         self._run_options = ort.RunOptions()
         if self.device.type == "cuda":
@@ -95,9 +95,12 @@ class OnnxRunner:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if self.intra_op_num_threads > 1:
-            # One pool for all num_layers + 1 sessions: per-session pools would leave num_layers + 1 sets of
-            # spinning workers fighting over the cores (measured 40x slower on a loaded 2-core machine).
-            so.use_per_session_threads = False
+            # num_layers + 1 sessions each own a pool: spinning workers would fight over the cores between
+            # calls, so they sleep instead (measured at 2 threads on a loaded 2-core machine: 56 tok/s, vs 22
+            # with ORT's process-wide pool, which also breaks every later session made with default options).
+            so.intra_op_num_threads = self.intra_op_num_threads
+            so.inter_op_num_threads = 1
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         else:
             so.intra_op_num_threads = 1
             so.inter_op_num_threads = 1
@@ -218,17 +221,6 @@ def _bind(session: ort.InferenceSession, inputs: dict[str, torch.Tensor],
             device_id = t.device.index or 0
             bind(name, t.device.type, device_id, _NP_DTYPES[t.dtype], list(t.shape), t.data_ptr())
     return binding
-
-
-def _ensure_global_pool(threads: int) -> int:
-    """Create ORT's global intra-op pool with ``threads`` threads (once per process); returns the size in force."""
-    global _global_pool_threads
-    if threads == 1:
-        return 1
-    if _global_pool_threads is None:
-        ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
-        _global_pool_threads = threads
-    return _global_pool_threads
 
 
 def _resolve_providers(providers: Sequence[str] | None) -> list[str]:

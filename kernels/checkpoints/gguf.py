@@ -125,6 +125,24 @@ class GGUFCheckpoint(Checkpoint):
     def quant_types(self) -> dict[str, str]:
         return {name: t.tensor_type.name for name, t in self._tensors.items()}
 
+    def raw_blocks(self, name: str) -> tuple[str, np.ndarray]:
+        """(GGML type name, stored blocks uint8 ``[rows, blocks_per_row, block_bytes]``) of a block-quantized matrix.
+
+        Rows are in HF order (llama's Q/K rows un-permuted, a row gather that leaves each row's blocks
+        intact); blocks run along the input dimension. No dequantization: this is the stored data, for
+        consumers that repack GGML blocks losslessly. The array may be a read-only view of the file.
+        """
+        self._check_name(name)
+        tensor = self._tensors[name]
+        if tensor.data.dtype != np.uint8 or len(self._shapes[name]) != 2:
+            raise ValueError(f"{name} is stored as {tensor.tensor_type.name} {list(self._shapes[name])}, "
+                             f"not as a block-quantized matrix")
+        _, block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+        rows = self._shapes[name][0]
+        blocks = tensor.data.reshape(rows, -1, block_bytes)
+        n_head = self._permuted_heads(name)
+        return tensor.tensor_type.name, _unpermute(blocks, n_head) if n_head else blocks
+
     def _read(self, name: str, narrow: tuple[int, int, int] | None) -> torch.Tensor:
         tensor = self._tensors[name]
         n_head = self._permuted_heads(name)

@@ -103,7 +103,7 @@ def test_build_writes_all_graphs_and_reuses_cache(tiny_llama, tmp_path) -> None:
     options = BuildOptions(quant="int4")
     first = build_onnx_model(tiny_llama, options, cache_root=root)
     assert not first.reused
-    assert first.directory.name == f"{tiny_llama.fingerprint[:16]}-int4-bs32-acc4-g{GRAPH_VERSION}"
+    assert first.directory.name == f"{tiny_llama.fingerprint[:16]}-int4-bs32-acc4-auto-g{GRAPH_VERSION}"
     assert [p.name for p in first.paths] == list(graph_names(tiny_llama.config.num_layers))
     manifest = json.loads((first.directory / "manifest.json").read_text())
     assert manifest["fingerprint"] == tiny_llama.fingerprint and manifest["options"]["quant"] == "int4"
@@ -138,6 +138,7 @@ def test_incomplete_cache_entry_is_rebuilt(tiny_llama, tmp_path) -> None:
     ({"quant": "int4", "block_size": 24}, "block_size must be a power of two"),
     ({"quant": "int8", "block_size": 8}, "block_size must be a power of two"),
     ({"quant": "int4", "accuracy_level": 7}, "accuracy_level"),
+    ({"quant": "int4", "source": "exact"}, "source must be one of"),
 ])
 def test_bad_build_options(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -262,27 +262,30 @@ def test_smollm2_fp32_greedy_matches_reference(smollm2, tmp_path) -> None:
         assert _greedy(runner, prompt, 32) == expected, tok.decode(expected)
 
 
-@pytest.mark.parametrize("quant, min_agreement, max_logit_diff", [
-    # Measured on this GGUF (its Q4_1 blocks re-quantized from their float values, see edge/quantize.py):
-    # int8 (accuracy_level 0) 95/96 agreement, max |logit diff| 0.87; int4 (accuracy_level 4) 70/96 = 72.9%,
-    # 18.9. The max is over all 49,152 logits of 96 positions, so it reflects rare tokens' rows of the int4
-    # LM head; agreement is the figure that matters. int4 with accuracy_level 0 also scores 70/96: the loss
-    # is the double quantization of the weights (Q4_1 grid -> MatMulNBits grid), not the int8 activations.
-    ("int8", 0.95, 2.0),
-    ("int4", 0.65, 25.0),
+@pytest.mark.parametrize("quant, source, min_agreement, max_logit_diff", [
+    # Measured on this GGUF (Q4_1 layers, Q8_0 tied embedding/LM head). source="auto" packs the stored blocks
+    # as they are (edge/repack.py): the weights are exactly the reference model's, so with float compute
+    # (int8's default accuracy_level 0) the graphs agree 96/96 with max |logit diff| < 1e-3. int4's default
+    # accuracy_level 4 quantizes activations to int8 per block: 89/96 = 92.7%, max |logit diff| 3.8.
+    # source="requantize" (Q4_1 / Q8_0 values rounded again onto MatMulNBits' own int4 grid): 71/96 = 74.0%,
+    # 18.3: the double quantization, mostly of the LM head (exact layers with only the head re-quantized: 78/96).
+    # The max is over all 49,152 logits of 96 positions; agreement is the figure that matters.
+    ("int8", "auto", 0.99, 1e-2),
+    ("int4", "auto", 0.90, 5.0),
+    ("int4", "requantize", 0.70, 25.0),
 ])
 @pytest.mark.slow
-def test_smollm2_quantized_close_to_reference(smollm2, tmp_path, quant: str, min_agreement: float,
+def test_smollm2_quantized_close_to_reference(smollm2, tmp_path, quant: str, source: str, min_agreement: float,
                                               max_logit_diff: float) -> None:
     ckpt, reference, tok, prompts, continuations = smollm2
-    runner = OnnxRunner(ckpt, quant, cache_root=tmp_path)
+    runner = OnnxRunner(ckpt, quant, source=source, cache_root=tmp_path)
     agree = total = 0
     max_diff = 0.0
     for prompt, continuation in zip(prompts, continuations):
         hits, diff = _teacher_forced(runner, reference, prompt, continuation)
         agree, total, max_diff = agree + hits, total + len(continuation), max(max_diff, diff)
     text = tok.decode(_greedy(runner, prompts[0], 32))
-    print(f"\n{quant} vs reference: teacher-forced top-1 agreement {agree}/{total} = {agree / total:.1%}, "
+    print(f"\n{quant} ({source}) vs reference: teacher-forced top-1 agreement {agree}/{total} = {agree / total:.1%}, "
           f"max |logit diff| {max_diff:.3f}; greedy: {text!r}")
     assert "Paris" in text, text  # coherent: answers "What is the capital of France?"
     assert agree / total >= min_agreement
