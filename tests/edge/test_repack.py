@@ -13,7 +13,6 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from onnx import TensorProto
 
-from edge import runner as edge_runner
 from edge.builder import BuildOptions, _Graph, build_onnx_model
 from edge.repack import REPACKABLE_TYPES, concat_repacked, decode_blocks, dequantize_repacked, repack_blocks
 from edge.runner import OnnxRunner
@@ -66,10 +65,7 @@ def _linear_session(weight, k: int, accuracy_level: int, tmp_path) -> ort.Infere
     g.output("y", TensorProto.FLOAT, ["T", "N"])
     g.save(tmp_path / "linear.onnx")
     so = ort.SessionOptions()
-    if edge_runner._global_pool_threads is not None:  # an OnnxRunner of another test made ORT's global pool
-        so.use_per_session_threads = False
-    else:
-        so.intra_op_num_threads = 1
+    so.intra_op_num_threads = 1
     return ort.InferenceSession(str(tmp_path / "linear.onnx"), so, providers=["CPUExecutionProvider"])
 
 
