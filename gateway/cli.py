@@ -126,6 +126,9 @@ def bench_edge(
     prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths for TTFT.")] = "16,128,512",
     block_size: Annotated[int, typer.Option(help="KV block size (tokens).")] = 16,
     max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget of one engine step.")] = 512,
+    prefix_caching: Annotated[bool, typer.Option(help="Keep prefix caching on (the protocol repeats its prompts, "
+                                                      "so this flatters TTFT against peers that have none).")]
+    = False,
     out_dir: Annotated[Path, typer.Option(help="Where the JSON and PNG go.")] = Path("bench/results"),
 ) -> None:
     """Edge engine vs installed peers, same protocol, same run: decode/prefill/TTFT/aggregate, KV waste, bandwidth."""
@@ -140,10 +143,12 @@ def bench_edge(
     checkpoint = load_checkpoint(resolve_model(model, console=err_console))
     runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads)
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
-    config = EngineConfig(block_size=block_size, max_num_batched_tokens=max_num_batched_tokens)
+    config = EngineConfig(block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
+                          enable_prefix_caching=prefix_caching)
     core = EngineCore(runner, tokenizer, config, checkpoint.fingerprint)
     describe = {"engine": "hybrid-gateway edge", "quant": quant, "threads": threads,
-                "weights_bytes": decode_bytes_per_token(runner.model.paths, runner.config), "block_size": block_size}
+                "weights_bytes": decode_bytes_per_token(runner.model.paths, runner.config), "block_size": block_size,
+                "prefix_caching": prefix_caching}
     protocol = {"new_tokens": new_tokens, "repeats": repeats,
                 "concurrency": [int(c) for c in concurrency.split(",") if c],
                 "prompt_lengths": [int(n) for n in prompt_lengths.split(",") if n]}
