@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention.kv_tile import load_kv_tile
 from kernels.attention.metadata import AttentionMetadata
 
 MIN_DOT_SIZE = 16  # tl.dot needs every dimension >= 16
@@ -80,14 +81,9 @@ def paged_decode_kernel(
     for tile in range(tile_start, tile_end):
         pos = tile * TILE_SIZE + offs_t  # [TILE_SIZE] absolute key positions
         pos_mask = pos < seq_len
-        # Masked so that no block-table entry past the sequence's own blocks is read.
-        block_ids = tl.load(block_tables_ptr + seq * stride_bt_seq + pos // BLOCK_SIZE, mask=pos_mask, other=0)
-        slot_base = block_ids.to(tl.int64) * stride_kc_block + (pos % BLOCK_SIZE) * stride_kc_offset
-        k = tl.load(k_cache_ptr + slot_base[None, :] + kv_head * stride_kc_head + dims[:, None] * stride_kc_dim,
-                    mask=dim_mask[:, None] & pos_mask[None, :], other=0.0)  # [HEAD_DIM_PADDED, TILE_SIZE]
-        v_base = block_ids.to(tl.int64) * stride_vc_block + (pos % BLOCK_SIZE) * stride_vc_offset
-        v = tl.load(v_cache_ptr + v_base[:, None] + kv_head * stride_vc_head + dims[None, :] * stride_vc_dim,
-                    mask=pos_mask[:, None] & dim_mask[None, :], other=0.0)  # [TILE_SIZE, HEAD_DIM_PADDED]
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, stride_bt_seq, pos, pos_mask, kv_head,
+                            dims, dim_mask, stride_kc_block, stride_kc_offset, stride_kc_head, stride_kc_dim,
+                            stride_vc_block, stride_vc_offset, stride_vc_head, stride_vc_dim, BLOCK_SIZE)
 
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [QUERIES_PER_KV_PADDED, TILE_SIZE]
         s = tl.where(pos_mask[None, :], s, float("-inf"))
