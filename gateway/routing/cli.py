@@ -25,7 +25,7 @@ from gateway.routing.corpora import FRONTIER_MODELS, PROVENANCE, SOURCES, STRONG
 from gateway.routing.errors import RouterError, TrainingDataError
 from gateway.routing.evaluate import EvaluationReport, evaluate_router, plot_report
 from gateway.routing.features import FeatureSpec
-from gateway.routing.labels import Example, build_examples, read_records, resolve_label_kind
+from gateway.routing.labels import Example, build_examples, iter_jsonl, read_records, resolve_label_kind
 from gateway.routing.router import DEFAULT_DIR, load_router
 from gateway.routing.train import cross_validate, fit_router, leave_one_source_out, progress
 
@@ -234,14 +234,8 @@ def eval_(
 def _read_inputs(path: Path) -> tuple[list, list]:
     """(ids, prompts-or-messages) from a JSON-lines file of {"id", "prompt"|"messages"}."""
     ids, prompts = [], []
-    for line_no, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TrainingDataError(f"invalid JSON ({exc.msg})", path=path, line=line_no) from exc
-        if not isinstance(row, dict) or ("prompt" not in row and "messages" not in row):
+    for line_no, row in iter_jsonl(path):
+        if "prompt" not in row and "messages" not in row:
             raise TrainingDataError("each line needs 'prompt' or 'messages'", path=path, line=line_no)
         prompt = row.get("prompt", row.get("messages"))
         if isinstance(prompt, str) and not prompt.strip():

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -127,16 +128,13 @@ def _pairwise_label(row: dict[str, Any], strong: str | None, weak: str | None, p
     raise TrainingDataError(f"unknown winner {winner!r} (use strong, weak or tie)", path=path, line=line)
 
 
-def read_records(path: str | Path, fmt: Format, *, strong: str | None = None, weak: str | None = None) -> list[Record]:
-    """Parse a JSON-lines training file; every problem names the file and line."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON-lines file; problems name file and line."""
     path = Path(path)
-    if fmt not in FORMATS:
-        raise TrainingDataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}", path=path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise TrainingDataError(f"cannot read file: {exc}", path=path) from exc
-    records: list[Record] = []
     for line_no, text in enumerate(lines, start=1):
         if not text.strip():
             continue
@@ -146,6 +144,16 @@ def read_records(path: str | Path, fmt: Format, *, strong: str | None = None, we
             raise TrainingDataError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=path, line=line_no) from exc
         if not isinstance(row, dict):
             raise TrainingDataError("each line must be a JSON object", path=path, line=line_no)
+        yield line_no, row
+
+
+def read_records(path: str | Path, fmt: Format, *, strong: str | None = None, weak: str | None = None) -> list[Record]:
+    """Parse a JSON-lines training file; every problem names the file and line."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise TrainingDataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}", path=path)
+    records: list[Record] = []
+    for line_no, row in iter_jsonl(path):
         record = Record(
             prompt=_prompt_of(row, path, line_no),
             source=str(row.get("source", path.stem)),
