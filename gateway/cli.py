@@ -1,5 +1,7 @@
 """The ``hybrid-gateway`` command line.
 
+    hybrid-gateway serve                       gateway + edge engine + cloud engine (every setting a flag)
+    hybrid-gateway cloud serve --tp N          the cloud tier alone (OpenAI-compatible server)
     hybrid-gateway models pull|list|verify     the local model cache
     hybrid-gateway generate "prompt"           stream a chat reply from a model on this machine
     hybrid-gateway router train|eval|calibrate|export-onnx|score   the edge/cloud router
@@ -19,6 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cloud.cli import app as cloud_app
+from gateway.config import build_serve_command
 from gateway.routing.bench import bench_router_command
 from gateway.routing.cli import app as router_app
 from gateway.routing.errors import RouterError
@@ -31,6 +35,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a tabl
 app.add_typer(models_app, name="models")
 app.add_typer(router_app, name="router")
 app.add_typer(bench_app, name="bench")
+app.add_typer(cloud_app, name="cloud")
 bench_app.command("router")(bench_router_command)
 
 err_console = Console(stderr=True)
@@ -112,6 +117,43 @@ def generate_cmd(
     sys.stdout.write(decoder.flush() + "\n")
 
 
+def _serve(settings) -> int:
+    """Run the gateway with ``settings`` until Ctrl-C / SIGTERM; the lifespan starts and stops both tiers."""
+    import logging
+
+    import uvicorn
+
+    from gateway.app import GatewayState, create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def announce(state: GatewayState) -> None:
+        table = Table(title=f"hybrid-gateway on http://{settings.host}:{settings.port}/v1", show_header=True)
+        for col in ("tier", "model", "where"):
+            table.add_column(col)
+        if state.edge is not None:
+            table.add_row("edge", str(state.edge.model_id), "in-process (ONNX Runtime)")
+        if state.cloud is not None:
+            where = (f"child processes, tp={state.local_cloud.tp}, {state.local_cloud.url}" if state.local_cloud
+                     else ", ".join(r["url"] for r in state.cloud.replica_states()))
+            table.add_row("cloud", str(state.cloud.model_id), where)
+        router = state.policy.router
+        table.add_row("router", "shipped default" if settings.router_dir is None else str(settings.router_dir),
+                      "none" if router is None else f"threshold {router.threshold:.3f}")
+        err_console.print(table)
+        auth = "API key required" if state.auth.required else "no API key needed (loopback)"
+        err_console.print(f"{auth}; Ctrl-C stops everything.")
+
+    app_ = create_app(settings, on_ready=announce)
+    server = uvicorn.Server(uvicorn.Config(app_, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level, timeout_graceful_shutdown=10))
+    server.run()
+    return 0 if server.started else 1
+
+
+app.command("serve")(build_serve_command(_serve))
+
+
 @bench_app.command("edge")
 def bench_edge(
     model: Annotated[str | None, typer.Option(help="GGUF file, HF directory, or a cached model name.")] = None,
@@ -160,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hybrid-gateway`` script; returns the exit code."""
     try:
         result = app(args=argv, prog_name="hybrid-gateway", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except (click.ClickException, typer.exceptions.TyperException) as exc:
+        # typer >= 0.29 parses with its own copy of click: its usage errors derive from TyperException.
         exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+        return getattr(exc, "exit_code", 2)
+    except (click.exceptions.Abort, typer.Abort):
         err_console.print("aborted")
         return 130
     except (EngineError, RouterError) as exc:

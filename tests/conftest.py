@@ -24,3 +24,11 @@ def smollm2_gguf() -> Path:
     from kernels.checkpoints.store import ensure_default_model
 
     return ensure_default_model()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama behind the reference runner: (runner, tokenizer, fingerprint)."""
+    from tests.kernels.engine_helpers import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny"))

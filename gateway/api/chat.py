@@ -1,0 +1,171 @@
+"""``POST /v1/chat/completions``, ``POST /v1/completions`` and ``POST /v1/route``.
+
+Route functions stay free of try/except except for the one thing only they can do: fall back to
+the other tier when the chosen one fails before answering. Everything else is an exception that
+the handlers registered in ``create_app`` turn into an OpenAI-style error.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.background import BackgroundTask
+
+from gateway.backends import Backend, BackendUnavailable
+from gateway.backends.inprocess import InProcessBackend
+from gateway.policy import Decision
+from kernels.serving import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    OpenAIError,
+    sse_bytes,
+    unless_disconnected,
+)
+
+router = APIRouter()
+
+
+def gateway(request: Request):
+    return request.app.state.gateway
+
+
+async def caller(request: Request) -> str:
+    """Auth (401) then rate limit (429); returns the caller identity. Runs before the body is validated."""
+    gw = gateway(request)
+    identity = await gw.auth(request)
+    gw.limiter.check(identity)
+    return identity
+
+
+class RouteRequest(BaseModel):
+    """``POST /v1/route``: where a request would go, without generating."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = "auto"
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> RouteRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' or 'prompt'")
+        return self
+
+
+def _check_prompt_size(gw, prompt: str | list[dict[str, Any]]) -> None:
+    chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    if chars > gw.settings.max_prompt_chars:
+        raise OpenAIError(413, f"prompt has {chars} characters; the limit is {gw.settings.max_prompt_chars}",
+                          param="messages", code="prompt_too_large")
+
+
+@router.post("/v1/route")
+async def route(body: RouteRequest, request: Request, identity: str = Depends(caller)) -> dict[str, Any]:
+    gw = gateway(request)
+    prompt = [{"role": m.role, "content": m.text()} for m in body.messages] if body.messages else body.prompt
+    _check_prompt_size(gw, prompt)
+    d = gw.policy.decide(body.model, prompt, identity=identity, session=request.headers.get("x-hybrid-session"),
+                         record=False)
+    backend = gw.policy.backend(d.tier)
+    return {"tier": d.tier, "model": backend.model_id, "score": d.score, "threshold": d.threshold,
+            "reason": d.reason, "reasons": d.reasons}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           identity: str = Depends(caller)) -> Any:
+    return await _serve(request, "chat", body, body.plain_messages(), identity)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, identity: str = Depends(caller)) -> Any:
+    text = body.prompt_text()
+    return await _serve(request, "completion", body, text if text is not None else "", identity)
+
+
+async def _call(backend: Backend, kind: str, body: ChatCompletionRequest | CompletionRequest) -> Any:
+    # In-process engines take the validated object; HTTP backends get what the client sent (extras included).
+    payload: Any = body if isinstance(backend, InProcessBackend) else body.model_dump(exclude_unset=True)
+    method = backend.chat_completions if kind == "chat" else backend.completions
+    return await method(payload, stream=body.stream)
+
+
+async def _serve(request: Request, kind: str, body: ChatCompletionRequest | CompletionRequest,
+                 prompt: str | list[dict[str, Any]], identity: str) -> Any:
+    gw = gateway(request)
+    start = time.perf_counter()
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    _check_prompt_size(gw, prompt)
+    decision = gw.policy.decide(body.model, prompt, identity=identity,
+                                session=request.headers.get("x-hybrid-session"))
+    try:
+        result = await _call(gw.policy.backend(decision.tier), kind, body) if body.stream else \
+            await unless_disconnected(request, _call(gw.policy.backend(decision.tier), kind, body))
+    except BackendUnavailable as exc:
+        fallback = gw.policy.fallback(decision, exc)
+        if fallback is None:
+            gw.metrics.observe_request(decision.tier, 503, time.perf_counter() - start)
+            raise
+        decision = fallback
+        result = await _call(gw.policy.backend(decision.tier), kind, body) if body.stream else \
+            await unless_disconnected(request, _call(gw.policy.backend(decision.tier), kind, body))
+    gw.metrics.observe_route(decision.tier, decision.reason, decision.score)
+    headers = {**decision.headers(), "x-request-id": request_id}
+    if body.stream:
+        chunks = _instrumented(gw, decision, identity, result, start)
+        return StreamingResponse(sse_bytes(chunks), media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache"},
+                                 background=BackgroundTask(_close, result))
+    usage = result.get("usage") or {}
+    gw.metrics.observe_tokens(decision.tier, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+    gw.limiter.record_tokens(identity, usage.get("total_tokens", 0))
+    gw.metrics.observe_request(decision.tier, 200, time.perf_counter() - start)
+    return JSONResponse(result, headers=headers)
+
+
+async def _close(stream: Any) -> None:
+    """Close a backend stream (idempotent): runs after the response, also when the client went away."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _instrumented(gw, decision: Decision, identity: str, chunks: Any,
+                        start: float) -> AsyncIterator[dict[str, Any]]:
+    """Pass chunks through, timing the first token and the gaps after it, and count tokens for limits."""
+    tier = decision.tier
+    first = last = None
+    num_deltas = 0
+    usage: dict[str, Any] | None = None
+    status = 200
+    try:
+        async for chunk in chunks:
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk.get("choices"):
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                    gw.metrics.observe_ttft(tier, now - start)
+                last = now
+                num_deltas += 1
+            yield chunk
+    except BaseException:
+        status = 499
+        raise
+    finally:
+        await _close(chunks)
+        if first is not None and last is not None and num_deltas > 1:
+            gw.metrics.observe_tpot(tier, (last - first) / (num_deltas - 1))
+        prompt = usage.get("prompt_tokens", 0) if usage else 0
+        generated = usage.get("completion_tokens", num_deltas) if usage else num_deltas
+        gw.metrics.observe_tokens(tier, prompt, generated)
+        gw.limiter.record_tokens(identity, prompt + generated)
+        gw.metrics.observe_request(tier, status, time.perf_counter() - start)
