@@ -48,6 +48,7 @@ def serve(
     from cloud.engine import CloudEngine, run_torchrun_rank
     from cloud.server import create_app
     from kernels.engine import EngineConfig
+    from kernels.serving.server import GracefulServer
 
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"unknown dtype {dtype!r}; use one of {DTYPES}", param_hint="--dtype")
@@ -55,7 +56,7 @@ def serve(
     torch_dtype = getattr(torch, dtype) if dtype else None
     config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           kv_cache_bytes=kv_cache_mb << 20)
-    server: uvicorn.Server | None = None
+    server: GracefulServer | None = None
     failure: list[str] = []
 
     def on_failure(reason: str) -> None:
@@ -80,7 +81,7 @@ def serve(
     # die with this process (PR_SET_PDEATHSIG is per thread).
     engine = factory()
     app_ = create_app(lambda: engine, served_model_name=served_model_name)
-    server = uvicorn.Server(uvicorn.Config(app_, host=host, port=port, log_level=log_level,
+    server = GracefulServer(uvicorn.Config(app_, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=5))
     typer.echo(f"cloud: serving {served_model_name or engine.model_id} (tp={engine.tp}) on http://{host}:{port}/v1",
                err=True)

@@ -112,6 +112,7 @@ def create_app(engine_factory: Callable[[], AsyncEngine], *, served_model_name: 
     async def stats(request: Request) -> dict[str, Any]:
         engine = request.app.state.engine
         return {**asdict(engine.stats()), "tokens_per_second": engine.tokens_per_second(),
-                "tp": getattr(engine, "tp", 1)}
+                "tp": getattr(engine, "tp", 1),
+                "worker_pids": {str(r): p for r, p in getattr(engine, "worker_pids", {}).items()}}
 
     return app

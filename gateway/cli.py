@@ -124,6 +124,7 @@ def _serve(settings) -> int:
     import uvicorn
 
     from gateway.app import GatewayState, create_app
+    from kernels.serving.server import GracefulServer
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -145,7 +146,7 @@ def _serve(settings) -> int:
         err_console.print(f"{auth}; Ctrl-C stops everything.")
 
     app_ = create_app(settings, on_ready=announce)
-    server = uvicorn.Server(uvicorn.Config(app_, host=settings.host, port=settings.port,
+    server = GracefulServer(uvicorn.Config(app_, host=settings.host, port=settings.port,
                                            log_level=settings.log_level, timeout_graceful_shutdown=10))
     server.run()
     return 0 if server.started else 1
@@ -196,6 +197,49 @@ def bench_edge(
                 "prompt_lengths": [int(n) for n in prompt_lengths.split(",") if n]}
     run_edge_bench(core, tokenizer, describe, peers=[p for p in peers.split(",") if p],
                    protocol_overrides=protocol, out_dir=out_dir, threads=threads, console=err_console)
+
+
+@bench_app.command("gateway")
+def bench_gateway(
+    requests: Annotated[int, typer.Option(help="Measured rounds of the overhead runs (each path once per round).")]
+    = 200,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrent stream counts.")] = "16,64",
+    max_tokens: Annotated[int, typer.Option(help="Tokens per stream in the throughput runs.")] = 32,
+    threads: Annotated[int | None, typer.Option(help="CPU threads of the edge engine (default: cores).")] = None,
+    model: Annotated[str | None, typer.Option(help="Edge model: GGUF file, HF directory or cached name.")] = None,
+    quant: Annotated[str, typer.Option(help="Edge weights: int4 | int8.")] = "int4",
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes for a smoke run (overrides the others).")]
+    = False,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON and PNG go.")] = Path("bench/results"),
+) -> None:
+    """Gateway vs the edge engine in-process, same run: added latency, /v1/route decisions/s, stream throughput."""
+    from edge.engine import EdgeEngine
+    from edge.runner import physical_cores
+    from gateway.bench_gateway import parse_ints, run_gateway_bench
+    from gateway.config import GatewaySettings
+    from kernels.engine import EngineConfig
+
+    levels = parse_ints(concurrency)
+    if not levels or min(levels) < 1 or requests < 1 or max_tokens < 1:
+        raise typer.BadParameter("--requests, --max-tokens and every --concurrency level must be >= 1")
+    sizes = {"requests": requests, "warmup": 20, "concurrency": levels, "rounds": 2, "max_tokens": max_tokens,
+             "route_requests": 5 * requests, "score_iters": 5000}
+    if quick:
+        sizes = {"requests": 20, "warmup": 3, "concurrency": [4], "rounds": 1, "max_tokens": 8,
+                 "route_requests": 100, "score_iters": 500}
+    defaults = GatewaySettings(cloud_enabled=False)  # the engine the gateway's edge tier would start
+    config = EngineConfig(max_num_seqs=max(defaults.edge_max_num_seqs, *sizes["concurrency"]),
+                          max_num_batched_tokens=defaults.edge_max_batched_tokens,
+                          kv_cache_bytes=defaults.edge_kv_cache_mb << 20)
+    threads = threads or physical_cores()
+    with err_console.status("Loading the edge engine…"):
+        engine = EdgeEngine.from_model(model, quant=quant, config=config, threads=threads)
+    try:
+        run_gateway_bench(engine, **sizes, out_dir=out_dir, console=err_console,
+                          describe={"quant": quant, "threads": threads, "max_num_seqs": config.max_num_seqs,
+                                    "max_num_batched_tokens": config.max_num_batched_tokens})
+    finally:
+        engine.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,11 +80,18 @@ class AsyncEngine:
         self._wake.set()
         return rid
 
-    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request until it finishes; leaving early aborts it."""
+    def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request until it finishes; leaving early aborts it.
+
+        The request's queue is looked up now, not at the first ``anext``: a short request may finish
+        (and leave ``_streams``) before its consumer starts reading, and its outputs must still arrive.
+        """
         stream = self._streams.get(request_id)
         if stream is None:
             raise KeyError(f"no open stream for request {request_id!r}")
+        return self._iterate(request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:

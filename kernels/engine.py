@@ -109,10 +109,12 @@ class EngineCore:
         self.config = config or EngineConfig()
         mc = runner.config
         self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        # A tensor-parallel runner holds only its shard of the KV heads; kv_cache_bytes is per rank.
+        num_kv_heads = getattr(runner, "kv_heads_per_rank", None) or mc.num_kv_heads
         num_blocks = self.config.num_blocks or KVCacheSpec.num_blocks_for_bytes(
-            self.config.kv_cache_bytes, num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads,
+            self.config.kv_cache_bytes, num_layers=mc.num_layers, num_kv_heads=num_kv_heads,
             head_dim=mc.head_dim, block_size=self.config.block_size, dtype=self.config.kv_dtype)
-        self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, num_blocks,
+        self.kv_spec = KVCacheSpec(mc.num_layers, num_kv_heads, mc.head_dim, num_blocks,
                                    self.config.block_size, self.config.kv_dtype)
         self.kv_cache = self.kv_spec.allocate(self.config.device)
         self.blocks = BlockManager(num_blocks, self.config.block_size, fingerprint,

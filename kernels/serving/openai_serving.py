@@ -155,7 +155,8 @@ class OpenAIServing:
         request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.engine.add_request(prompt_ids, params, request_id)  # raises InvalidRequestError -> 400
         if stream:
-            return ResponseStream(self.engine, request_id, self._chunks(kind, request_id, include_usage))
+            outputs = self.engine.stream(request_id)  # bound now: the request may finish before it is read
+            return ResponseStream(self.engine, request_id, self._chunks(kind, request_id, outputs, include_usage))
         text: list[str] = []
         last: RequestOutput | None = None
         async for out in self.engine.stream(request_id):
@@ -171,7 +172,8 @@ class OpenAIServing:
         return {"id": request_id, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": self.model_id, "choices": [choice], "usage": usage_dict(last)}
 
-    async def _chunks(self, kind: str, request_id: str, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    async def _chunks(self, kind: str, request_id: str, outputs: AsyncIterator[RequestOutput],
+                      include_usage: bool) -> AsyncIterator[dict[str, Any]]:
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -189,7 +191,7 @@ class OpenAIServing:
 
         if kind == "chat":
             yield chunk(None, None, role=True)
-        async for out in self.engine.stream(request_id):
+        async for out in outputs:
             if out.text:
                 yield chunk(out.text, None)
             if out.finished:

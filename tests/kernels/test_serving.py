@@ -116,3 +116,15 @@ def test_sse_bytes_frames_and_turns_failures_into_error_events():
     assert frames[0] == b'data: {"a":1}\n\n'
     assert b'"error"' in frames[1] and b"boom" in frames[1]
     assert frames[-1] == b"data: [DONE]\n\n"
+
+
+def test_a_stream_read_only_after_its_request_finished_still_delivers_everything(serving):
+    async def main():
+        stream = await serving.chat_completions({**CHAT, "max_tokens": 3, "stream": True,
+                                                 "stream_options": {"include_usage": True}})
+        while serving.engine.stats().num_running or serving.engine.stats().num_waiting:
+            await asyncio.sleep(0.01)  # the request finishes before anyone reads it
+        return [c async for c in stream]
+
+    chunks = _run(main())
+    assert chunks[-1]["usage"]["completion_tokens"] == 3 and chunks[-2]["choices"][0]["finish_reason"] == "length"

@@ -1,0 +1,134 @@
+"""``hybrid-gateway serve`` as users run it: the real default stack in a subprocess.
+
+Edge = SmolLM2-135M int4 in ONNX Runtime in the gateway process; cloud = the same weights at fp32 in
+``cloud serve`` child processes; the official ``openai`` client in front. Then Ctrl-C (SIGINT) must
+stop everything, children included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> set[int]:
+    """All live descendants of ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def serve(smollm2_gguf, tmp_path_factory):
+    port, cloud_port = _free_port(), _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "HYBRID_GATEWAY_EDGE_KV_CACHE_MB": "128"}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
+                                 "--cloud-port", str(cloud_port), "--log-level", "warning"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200 and \
+                    httpx.get(url + "/health", timeout=2).json()["tiers"]["cloud"]["healthy"]:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"serve did not become ready:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url, proc, log
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_default_stack_answers_the_openai_client(serve):
+    url, _, log = serve
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as client:
+        for model in ("edge", "cloud"):
+            raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=12,
+                                                                    temperature=0)
+            reply = raw.parse()
+            assert raw.headers["x-hybrid-route"] == model
+            assert "Paris" in reply.choices[0].message.content, (model, reply.choices[0].message.content)
+        chunks = list(client.chat.completions.create(model="auto", messages=messages, max_tokens=8, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens >= 1
+        ids = {m.id for m in client.models.list().data}
+        assert {"auto", "edge", "cloud"} <= ids
+
+
+def test_default_stack_serves_64_concurrent_streams(serve):
+    url, _, _ = serve
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> int:
+        stream = await client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": f"Count to {i % 7 + 3}."}], max_tokens=8,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        usage = None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+        return usage.completion_tokens
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    assert asyncio.run(main()) == [8] * 64
+
+
+def test_ctrl_c_stops_everything(serve):
+    _, proc, log = serve
+    family = _descendants(proc.pid)
+    assert family, "the cloud tier should be running as child processes"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    deadline = time.monotonic() + 15
+    while (alive := {p for p in family if _alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"orphans left behind: {alive}"
