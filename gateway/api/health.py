@@ -52,6 +52,9 @@ async def metrics(request: Request) -> Response:
         if isinstance(backend, InProcessBackend):
             s = backend.engine.stats()
             gw.metrics.set_engine_state(name, s.num_running, s.num_waiting, s.num_blocks_used, s.num_blocks_free)
+        elif (remote := getattr(backend, "engine_stats", lambda: None)()) is not None:
+            gw.metrics.set_engine_state(name, remote["num_running"], remote["num_waiting"],
+                                        remote["num_blocks_used"], remote["num_blocks_free"])
         if backend is not None:
             gw.metrics.set_queue_depth(name, backend.load().outstanding)
             for replica in getattr(backend, "replica_states", lambda: [])():

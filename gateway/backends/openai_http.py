@@ -45,6 +45,8 @@ class _Replica:
     breaker: CircuitBreaker
     outstanding: int = 0
     health_path: str = "/health"  # becomes /v1/models once /health answers 404
+    stats_path: str | None = "/stats"  # our cloud server's scheduler stats; None once it answers 404
+    stats: dict[str, Any] | None = None  # the last /stats body
 
 
 class _AttemptFailed(Exception):
@@ -125,7 +127,29 @@ class OpenAIHTTPBackend:
         return any(r.breaker.state != "open" for r in self._replicas)
 
     def load(self) -> BackendLoad:
-        return BackendLoad(outstanding=sum(r.outstanding for r in self._replicas))
+        stats = [r.stats for r in self._replicas if r.stats]
+        return BackendLoad(outstanding=sum(r.outstanding for r in self._replicas),
+                           waiting=sum(int(s.get("num_waiting", 0)) for s in stats),
+                           running=sum(int(s.get("num_running", 0)) for s in stats))
+
+    def engine_stats(self) -> dict[str, int] | None:
+        """KV blocks and queue of the replicas that expose ``/stats`` (our cloud server), summed; None if none do."""
+        stats = [r.stats for r in self._replicas if r.stats]
+        if not stats:
+            return None
+        keys = ("num_running", "num_waiting", "num_blocks_used", "num_blocks_free")
+        return {k: sum(int(s.get(k, 0)) for s in stats) for k in keys}
+
+    async def _fetch_stats(self, replica: _Replica) -> None:
+        if replica.stats_path is None:
+            return
+        try:
+            response = await self._client.get(replica.url + replica.stats_path, timeout=self._probe_timeout)
+            if response.status_code == 404:
+                replica.stats_path = None  # not our server (vLLM, a hosted API): stop asking
+            replica.stats = response.json() if response.status_code == 200 else None
+        except (httpx.TransportError, ValueError):
+            replica.stats = None
 
     def replica_states(self) -> list[dict[str, Any]]:
         """One dict per replica for ``/ready`` and metrics."""
@@ -307,7 +331,9 @@ class OpenAIHTTPBackend:
             alive, detail = False, f"{type(exc).__name__}: {exc}"
         if alive:
             replica.breaker.record_success()
+            await self._fetch_stats(replica)
         else:
+            replica.stats = None
             replica.breaker.record_failure()
         now = replica.breaker.state
         if now != was:

@@ -108,3 +108,11 @@ def test_client_disconnect_aborts_the_cloud_request(stack):
     stats = _wait_for(lambda: (s := httpx.get(cloud + "/stats").json())["num_running"] == 0
                       and s["num_blocks_used"] == 0 and s, what="cloud engine idle")
     assert stats["generated_tokens"] < 220
+
+
+def test_metrics_include_the_remote_cloud_engine_state(stack):
+    url, *_ = stack
+    httpx.post(url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3})
+    _wait_for(lambda: 'hybrid:kv_cache_blocks{state="free",tier="cloud"}' in httpx.get(url + "/metrics").text,
+              what="cloud KV blocks in /metrics")
+    assert httpx.get(url + "/health").json()["tiers"]["cloud"]["healthy"]
