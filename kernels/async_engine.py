@@ -2,8 +2,12 @@
 
 The engine loop is CPU/GPU bound, so it runs on its own thread and never blocks the event loop;
 each request gets an ``asyncio.Queue`` that the loop thread feeds with ``call_soon_threadsafe``.
-A lock serialises ``add_request`` / ``abort`` with ``step``, so an abort frees the request's
-blocks before it returns (at most one step later than asked). Leaving a stream early — the
+
+The event loop never waits for a step. ``add_request`` validates at once (``check_request`` reads
+only fixed configuration) and puts the request in an inbox; ``abort`` frees the request's blocks
+on the spot when the engine is between steps, else puts the abort in the inbox. The loop thread
+applies the inbox, under the engine lock, before every step (and ``stats()`` applies it before
+counting), so an aborted request never computes another token. Leaving a stream early — the
 client went away, the task was cancelled — aborts the request.
 """
 
@@ -13,11 +17,12 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from kernels.engine import EngineCore, EngineStats, RequestOutput
-from kernels.errors import EngineError
+from kernels.errors import EngineError, InvalidRequestError
 from kernels.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,8 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        # ("add", id, prompt_ids, params) | ("abort", id), applied by whoever holds the lock next
+        self._inbox: deque[tuple] = deque()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._tokens_window: list[tuple[float, int]] = []
@@ -62,6 +69,7 @@ class AsyncEngine:
             self._thread.join(timeout)
             self._thread = None
         with self._lock:
+            self._inbox.clear()
             for rid in list(self._streams):
                 self.core.abort(rid, emit_output=False)
                 self._close(rid, EngineError("engine shut down"))
@@ -74,9 +82,12 @@ class AsyncEngine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request (validated at once: raises InvalidRequestError) and open its stream."""
         loop = asyncio.get_running_loop()
-        with self._lock:
-            rid = self.core.add_request(prompt_ids, params, request_id)
-            self._streams[rid] = _Stream(loop, asyncio.Queue())
+        rid = request_id or self.core.new_request_id()
+        if rid in self._streams:
+            raise InvalidRequestError(f"request id {rid!r} is already in use")
+        self.core.check_request(prompt_ids, params)
+        self._streams[rid] = _Stream(loop, asyncio.Queue())
+        self._inbox.append(("add", rid, list(prompt_ids), params))
         self._wake.set()
         return rid
 
@@ -113,15 +124,38 @@ class AsyncEngine:
             yield out
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request now; its KV blocks are free when this returns."""
-        with self._lock:
-            aborted = self.core.abort(request_id, emit_output=False)
-            self._streams.pop(request_id, None)
-        return aborted
+        """Stop a request: it computes no further token, and its KV blocks are free now if the engine is
+        between steps, else as soon as the current step ends. False if the request is unknown or done."""
+        known = self._streams.pop(request_id, None) is not None
+        if self._lock.acquire(blocking=False):
+            try:
+                self._apply_inbox()
+                return self.core.abort(request_id, emit_output=False) or known
+            finally:
+                self._lock.release()
+        self._inbox.append(("abort", request_id))
+        self._wake.set()
+        return known
 
     def stats(self) -> EngineStats:
         with self._lock:
+            self._apply_inbox()
             return self.core.stats()
+
+    def _apply_inbox(self) -> None:
+        """Lock held: apply queued adds and aborts in the order they were made."""
+        while self._inbox:
+            op = self._inbox.popleft()
+            if op[0] == "abort":
+                self.core.abort(op[1], emit_output=False)
+                continue
+            _, rid, prompt_ids, params = op
+            if rid not in self._streams:
+                continue  # aborted (or shut down) before it reached the engine
+            try:
+                self.core.add_request(prompt_ids, params, rid)
+            except EngineError as exc:
+                self._close(rid, exc)
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         """Generated tokens per second over the last ``window`` seconds."""
@@ -133,6 +167,7 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stopped.is_set():
             with self._lock:
+                self._apply_inbox()
                 busy = self.core.has_unfinished()
                 if busy:
                     try:

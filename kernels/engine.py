@@ -132,9 +132,27 @@ class EngineCore:
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; raises :class:`InvalidRequestError` for one that can never be served."""
-        request_id = request_id or f"req-{next(self._ids)}"
+        request_id = request_id or self.new_request_id()
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_ids, params)
+        max_len = min(self.max_model_len, len(prompt_ids) + params.max_tokens, self.kv_spec.num_slots)
+        seq = Sequence(request_id, list(prompt_ids), params, max_len)
+        self._seqs[request_id] = seq
+        if self.tokenizer is not None:
+            self._detok[request_id] = _Detok(self.tokenizer.stream_decoder(prompt_ids),
+                                             max_stop=max((len(s) for s in params.stop), default=0))
+        self.scheduler.add(seq)
+        return request_id
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise :class:`InvalidRequestError` for a request this engine can never serve.
+
+        Reads only the engine's fixed configuration, so another thread may call it while a step runs.
+        """
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty: it must contain at least one token")
         vocab = self.runner.config.vocab_size
@@ -146,14 +164,6 @@ class EngineCore:
         if self.kv_spec.blocks_needed(len(prompt_ids) + 1) > self.kv_spec.num_blocks:
             raise InvalidRequestError(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache "
                                       f"({self.kv_spec.num_slots} token slots)")
-        max_len = min(self.max_model_len, len(prompt_ids) + params.max_tokens, self.kv_spec.num_slots)
-        seq = Sequence(request_id, list(prompt_ids), params, max_len)
-        self._seqs[request_id] = seq
-        if self.tokenizer is not None:
-            self._detok[request_id] = _Detok(self.tokenizer.stream_decoder(prompt_ids),
-                                             max_stop=max((len(s) for s in params.stop), default=0))
-        self.scheduler.add(seq)
-        return request_id
 
     def abort(self, request_id: str, *, emit_output: bool = True) -> bool:
         """Stop a request now; its KV blocks are free when this returns. False if it is unknown or done.

@@ -115,5 +115,5 @@ def test_disconnect_mid_stream_frees_blocks(base_url):
 def test_disconnect_during_non_stream_request_frees_blocks(base_url):
     payload = {"messages": MESSAGES, "max_tokens": 240, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base_url + "/v1/chat/completions", json=payload, timeout=httpx.Timeout(5, read=0.3))
+        httpx.post(base_url + "/v1/chat/completions", json=payload, timeout=httpx.Timeout(5, read=0.05))
     _wait_idle(base_url)
