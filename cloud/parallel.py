@@ -22,12 +22,16 @@ broadcasts each step's batch (see :mod:`cloud.worker`). Workers wait in that bro
 arrives, so its timeout must outlast any idle period; failures are found by connection errors and by
 rank 0 watching its child processes instead. Layers take ``tp_rank`` / ``tp_size`` explicitly (default:
 the initialized group), so a shard can be built and checked without any process group.
+
+Every collective goes through :func:`collective`, so a benchmark can switch on :data:`COMM_TIMER` and
+split a step into compute and communication (``hybrid-gateway bench cloud``); it is off by default.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -145,6 +149,81 @@ def _check_shape(checkpoint: Checkpoint, name: str, expected: tuple[int, ...]) -
         raise CheckpointError(f"{name}: checkpoint shape {tuple(shape)} != model {expected}")
 
 
+# ----------------------------------------------------------------------- collective timing
+COLLECTIVES = ("broadcast", "all_reduce", "gather")
+
+
+class CommTimer:
+    """Opt-in accounting of one rank's time inside collectives, by kind, and in whole forward steps.
+
+    Off by default: then a collective costs one extra attribute test. On CPU a gloo collective blocks its
+    caller, so the wall time around it is its cost, waiting for the slowest rank included. On CUDA an NCCL
+    collective returns once queued: a pair of CUDA events on the current stream brackets it instead (read
+    in :meth:`snapshot`, which synchronizes), and :meth:`end_step` synchronizes before stopping the clock.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.step_s = 0.0  # rank 0: TPRunner.execute; workers: payload broadcast + forward
+        self.comm_s = dict.fromkeys(COLLECTIVES, 0.0)
+        self.calls = dict.fromkeys(COLLECTIVES, 0)
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # CUDA: not yet read
+
+    def run(self, kind: str, fn: Callable[..., object], tensor: torch.Tensor, *args, **kwargs) -> None:
+        self.calls[kind] += 1
+        if tensor.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(tensor, *args, **kwargs)
+            end.record()
+            self._events.append((kind, start, end))
+            return
+        start_s = time.perf_counter()
+        fn(tensor, *args, **kwargs)
+        self.comm_s[kind] += time.perf_counter() - start_s
+
+    def end_step(self, start_s: float, device: torch.device) -> None:
+        """Count one forward step begun at ``start_s`` (``time.perf_counter()``)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.steps += 1
+        self.step_s += time.perf_counter() - start_s
+
+    def snapshot(self) -> torch.Tensor:
+        """float64 ``[steps, step_s, comm_s per kind..., calls per kind...]``, the vector ranks gather."""
+        if self._events:
+            torch.cuda.synchronize()
+            for kind, start, end in self._events:
+                self.comm_s[kind] += start.elapsed_time(end) / 1e3  # ms -> s
+            self._events.clear()
+        return torch.tensor([self.steps, self.step_s, *self.comm_s.values(), *self.calls.values()],
+                            dtype=torch.float64)
+
+
+def timings_dict(snapshot: torch.Tensor) -> dict[str, object]:
+    """:meth:`CommTimer.snapshot` as a dict: steps, step_s, comm_s and calls (both by kind)."""
+    values = snapshot.tolist()
+    n = len(COLLECTIVES)
+    return {"steps": int(values[0]), "step_s": values[1],
+            "comm_s": dict(zip(COLLECTIVES, values[2:2 + n], strict=True)),
+            "calls": {k: int(v) for k, v in zip(COLLECTIVES, values[2 + n:], strict=True)}}
+
+
+COMM_TIMER = CommTimer()  # this process's rank; one tensor-parallel engine per process
+
+
+def collective(kind: str, fn: Callable[..., object], tensor: torch.Tensor, *args, **kwargs) -> None:
+    """``fn(tensor, *args, **kwargs)``, timed under ``kind`` while :data:`COMM_TIMER` is enabled."""
+    if COMM_TIMER.enabled:
+        COMM_TIMER.run(kind, fn, tensor, *args, **kwargs)
+    else:
+        fn(tensor, *args, **kwargs)
+
+
 # --------------------------------------------------------------------------------- linears
 class ColumnParallelLinear(nn.Module):
     """``y = x W^T + b`` with W's output rows split across ranks; the output stays sharded (no communication).
@@ -227,7 +306,7 @@ class RowParallelLinear(nn.Module):
         # x: [num_tokens, in/tp] -> [num_tokens, out], replicated on every rank
         y = F.linear(x, self.weight)
         if self.tp_size > 1:
-            dist.all_reduce(y)
+            collective("all_reduce", dist.all_reduce, y)
         return y if self.bias is None else y + self.bias
 
 
@@ -262,7 +341,7 @@ class VocabParallelEmbedding(nn.Module):
         mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local_ids = torch.where(mine, input_ids - self.vocab_start, 0)
         out = F.embedding(local_ids, self.weight).masked_fill_(~mine.unsqueeze(-1), 0.0)
-        dist.all_reduce(out)
+        collective("all_reduce", dist.all_reduce, out)
         return out
 
 
@@ -282,7 +361,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             return logits.new_empty(0, self.vocab_size, dtype=torch.float32) if self.tp_rank == 0 else None
         logits = logits.contiguous()
         parts = [torch.empty_like(logits) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
-        dist.gather(logits, parts, dst=0)
+        collective("gather", dist.gather, logits, parts, dst=0)
         if parts is None:
             return None
         return torch.cat(parts, dim=-1)[:, :self.vocab_size].float()

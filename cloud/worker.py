@@ -16,20 +16,23 @@ rank 0 only::
               | cu_seqlens_q[S+1] | logits_indices[N]
 
 Commands: INIT (once, after rank 0's engine sized the cache: header[1:4] = num_blocks, block_size, dtype
-index, so every rank allocates the same number of blocks), STEP, SHUTDOWN. A worker leaves its loop on
+index, so every rank allocates the same number of blocks), STEP, SHUTDOWN, and TIMING for benchmarks
+(header[1] = 1: reset and start every rank's :data:`~cloud.parallel.COMM_TIMER`; 0: stop it and gather
+each rank's totals on rank 0 over the control group). A worker leaves its loop on
 SHUTDOWN, or with :class:`WorkerFailedError` when the group breaks (rank 0 died: its sockets closed).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.distributed as dist
 
 from cloud.errors import WorkerFailedError
 from cloud.model import TPTransformerModel
-from cloud.parallel import control_group
+from cloud.parallel import COMM_TIMER, collective, control_group, timings_dict
 from kernels.attention import AttentionMetadata
 from kernels.kv_cache.layout import KV_DTYPES, KVCacheSpec
 from kernels.runner import ModelInput
@@ -37,14 +40,26 @@ from kernels.runner import ModelInput
 log = logging.getLogger(__name__)
 
 HEADER_LEN = 8
-INIT, STEP, SHUTDOWN = 1, 2, 3
+INIT, STEP, SHUTDOWN, TIMING = 1, 2, 3, 4
 
 
-def _broadcast(tensor: torch.Tensor) -> None:
+def _broadcast(tensor: torch.Tensor, *, timed: bool = True) -> None:
+    """Rank 0's ``tensor`` to every rank; ``timed=False`` keeps idle waits and timer control off the timer."""
     try:
-        dist.broadcast(tensor, src=0, group=control_group())
+        if timed:
+            collective("broadcast", dist.broadcast, tensor, src=0, group=control_group())
+        else:
+            dist.broadcast(tensor, src=0, group=control_group())
     except RuntimeError as exc:  # gloo: a peer's connection closed or timed out
         raise WorkerFailedError(f"tensor-parallel control broadcast failed: {exc}") from exc
+
+
+def _gather_timings(parts: list[torch.Tensor] | None) -> None:
+    """Every rank's :meth:`CommTimer.snapshot` into ``parts`` on rank 0 (None elsewhere)."""
+    try:
+        dist.gather(COMM_TIMER.snapshot(), parts, dst=0, group=control_group())
+    except RuntimeError as exc:
+        raise WorkerFailedError(f"tensor-parallel timing gather failed: {exc}") from exc
 
 
 def _header(command: int, *values: int) -> torch.Tensor:
@@ -110,13 +125,33 @@ class TPRunner:
 
     @torch.no_grad()
     def execute(self, batch: ModelInput, kv_cache: torch.Tensor) -> torch.Tensor:
+        start_s = time.perf_counter()
         if self.tp_size > 1:
             header, payload = pack_step(batch)
             _broadcast(header)
             _broadcast(payload)
         logits = run_shard(self.model, batch, kv_cache)
         assert logits is not None  # rank 0 always receives the gathered logits
+        if COMM_TIMER.enabled:
+            COMM_TIMER.end_step(start_s, logits.device)
         return logits
+
+    def start_timing(self) -> None:
+        """Reset and switch on every rank's :data:`~cloud.parallel.COMM_TIMER` (benchmarks only)."""
+        if self.tp_size > 1:
+            _broadcast(_header(TIMING, 1), timed=False)
+        COMM_TIMER.reset()
+        COMM_TIMER.enabled = True
+
+    def stop_timing(self) -> list[dict[str, object]]:
+        """Switch the timers off; each rank's totals since :meth:`start_timing`, rank 0 first."""
+        COMM_TIMER.enabled = False
+        if self.tp_size == 1:
+            return [timings_dict(COMM_TIMER.snapshot())]
+        _broadcast(_header(TIMING, 0), timed=False)
+        parts = [torch.empty(COMM_TIMER.snapshot().shape, dtype=torch.float64) for _ in range(self.tp_size)]
+        _gather_timings(parts)
+        return [timings_dict(p) for p in parts]
 
     def shutdown_workers(self) -> None:
         """Release every worker from its loop (they destroy their groups and exit)."""
@@ -129,7 +164,7 @@ def serve_worker(model: TPTransformerModel, device: torch.device | str) -> None:
     kv_cache: torch.Tensor | None = None
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     while True:
-        _broadcast(header)
+        _broadcast(header, timed=False)  # waiting here is idle time (rank 0 schedules), not communication
         command = int(header[0])
         if command == SHUTDOWN:
             return
@@ -140,9 +175,20 @@ def serve_worker(model: TPTransformerModel, device: torch.device | str) -> None:
             kv_cache = spec.allocate(device)
             log.debug("rank %d: KV shard %s", model.tp_rank, spec.shape)
             continue
+        if command == TIMING:
+            if header[1]:
+                COMM_TIMER.reset()
+                COMM_TIMER.enabled = True
+            else:
+                COMM_TIMER.enabled = False
+                _gather_timings(None)
+            continue
         if command != STEP or kv_cache is None:
             raise WorkerFailedError(f"rank {model.tp_rank}: unexpected command {command} (cache allocated: "
                                     f"{kv_cache is not None})")
+        start_s = time.perf_counter()
         payload = torch.empty(payload_len(header), dtype=torch.int64)
         _broadcast(payload)
         run_shard(model, unpack_step(header, payload, device), kv_cache)
+        if COMM_TIMER.enabled:
+            COMM_TIMER.end_step(start_s, torch.device(device))

@@ -199,6 +199,36 @@ def bench_edge(
                    protocol_overrides=protocol, out_dir=out_dir, threads=threads, console=err_console)
 
 
+@bench_app.command("cloud")
+def bench_cloud(
+    model: Annotated[str | None, typer.Option(help="GGUF file, HF directory, or a cached model name.")] = None,
+    tp: Annotated[str | None, typer.Option(help="Comma-separated tensor-parallel degrees, measured in this order "
+                                                "(default: 1 and the largest valid degree <= 3).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 (default: float32 on CPU, "
+                                                   "bfloat16 on GPU).")] = None,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 64,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrent request counts.")] = "1,16,64",
+    prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths for TTFT.")] = "128,512",
+    repeats: Annotated[int, typer.Option(help="Measured runs per figure (median reported).")] = 3,
+    threads: Annotated[int | None, typer.Option(help="Total CPU threads per degree, split over its ranks "
+                                                     "(default: cores).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes for a smoke run (overrides the sizes).")]
+    = False,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON and PNG go.")] = Path("bench/results"),
+) -> None:
+    """Cloud engine TP=1 vs TP=N on the same weights, same run: decode/aggregate tok/s, TTFT, compute vs comm."""
+    from cloud.bench import CloudBenchConfig, parse_ints, run_cloud_bench
+
+    try:
+        sizes = {"new_tokens": new_tokens, "concurrency": parse_ints(concurrency),
+                 "prompt_lengths": parse_ints(prompt_lengths), "repeats": repeats}
+        common = {"model": model, "tp": parse_ints(tp) if tp else None, "dtype": dtype, "threads": threads}
+        cfg = CloudBenchConfig.quick(**common) if quick else CloudBenchConfig(**common, **sizes)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    run_cloud_bench(cfg, out_dir=out_dir, console=err_console)
+
+
 @bench_app.command("gateway")
 def bench_gateway(
     requests: Annotated[int, typer.Option(help="Measured rounds of the overhead runs (each path once per round).")]
