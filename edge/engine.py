@@ -16,12 +16,24 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from edge.runner import OnnxRunner, Quant
 from kernels.async_engine import AsyncEngine
 from kernels.checkpoints import load_checkpoint
 from kernels.checkpoints.store import resolve_model
 from kernels.engine import EngineConfig, EngineCore
 from kernels.tokenizer import Tokenizer
+
+
+def default_block_size(device: torch.device | str) -> int:
+    """The edge's KV block size: 4 tokens on CPU, 16 on CUDA.
+
+    A sequence leaves on average half a block unfilled, so small blocks waste less of the cache (bench
+    edge: 10.8% of allocated slots at 16, 2.4% at 4). On CPU the attention gathers K/V token by token,
+    so block size costs nothing there; the Triton kernels on a GPU want 16-token tiles.
+    """
+    return 16 if torch.device(device).type == "cuda" else 4
 
 
 @dataclass(slots=True)
@@ -48,12 +60,15 @@ class EdgeEngine(AsyncEngine):
     def from_model(cls, model: str | os.PathLike[str] | None = None, *, quant: Quant = "int4",
                    config: EngineConfig | None = None, threads: int | None = None,
                    cache_root: Path | None = None) -> EdgeEngine:
-        """Build (or reuse from the on-disk cache) the ONNX model for ``model`` and wrap it in an engine."""
+        """Build (or reuse from the on-disk cache) the ONNX model for ``model`` and wrap it in an engine.
+
+        Without ``config`` the engine uses :func:`default_block_size` for its device.
+        """
         path = resolve_model(model)
         checkpoint = load_checkpoint(path)
         runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads, cache_root=cache_root)
         tokenizer = Tokenizer.from_checkpoint(checkpoint)
-        config = config or EngineConfig()
+        config = config or EngineConfig(block_size=default_block_size(runner.device))
         if runner.device.type == "cuda":
             config.device = str(runner.device)
         core = EngineCore(runner, tokenizer, config, checkpoint.fingerprint)

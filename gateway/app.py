@@ -101,10 +101,13 @@ def _load_router(settings: GatewaySettings, injected: Router | str | None) -> Ro
 
 
 async def _start_edge(settings: GatewaySettings) -> Backend:
-    from edge.engine import EdgeEngine
+    import torch
+
+    from edge.engine import EdgeEngine, default_block_size
     from kernels.engine import EngineConfig
 
-    config = EngineConfig(max_num_seqs=settings.edge_max_num_seqs,
+    block_size = settings.edge_block_size or default_block_size("cuda" if torch.cuda.is_available() else "cpu")
+    config = EngineConfig(block_size=block_size, max_num_seqs=settings.edge_max_num_seqs,
                           max_num_batched_tokens=settings.edge_max_batched_tokens,
                           kv_cache_bytes=settings.edge_kv_cache_mb << 20)
     engine = await asyncio.to_thread(EdgeEngine.from_model, settings.edge_model, quant=settings.edge_quant,

@@ -167,7 +167,8 @@ def bench_edge(
     repeats: Annotated[int, typer.Option(help="Measured runs per figure (median reported).")] = 3,
     concurrency: Annotated[str, typer.Option(help="Comma-separated concurrent request counts.")] = "4,16,64",
     prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths for TTFT.")] = "16,128,512",
-    block_size: Annotated[int, typer.Option(help="KV block size (tokens).")] = 16,
+    block_size: Annotated[int | None, typer.Option(help="KV block size in tokens (default: 4 on CPU, 16 on GPU).")]
+    = None,
     max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget of one engine step.")] = 512,
     prefix_caching: Annotated[bool, typer.Option(help="Keep prefix caching on (the protocol repeats its prompts, "
                                                       "so this flatters TTFT against peers that have none).")]
@@ -176,6 +177,7 @@ def bench_edge(
 ) -> None:
     """Edge engine vs installed peers, same protocol, same run: decode/prefill/TTFT/aggregate, KV waste, bandwidth."""
     from edge.bench import decode_bytes_per_token, run_edge_bench
+    from edge.engine import default_block_size
     from edge.runner import OnnxRunner, physical_cores
     from kernels.checkpoints import load_checkpoint
     from kernels.checkpoints.store import resolve_model
@@ -186,6 +188,7 @@ def bench_edge(
     checkpoint = load_checkpoint(resolve_model(model, console=err_console))
     runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads)
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
+    block_size = block_size or default_block_size(runner.device)
     config = EngineConfig(block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
                           enable_prefix_caching=prefix_caching)
     core = EngineCore(runner, tokenizer, config, checkpoint.fingerprint)
