@@ -116,3 +116,39 @@ def test_metrics_include_the_remote_cloud_engine_state(stack):
     _wait_for(lambda: 'hybrid:kv_cache_blocks{state="free",tier="cloud"}' in httpx.get(url + "/metrics").text,
               what="cloud KV blocks in /metrics")
     assert httpx.get(url + "/health").json()["tiers"]["cloud"]["healthy"]
+
+
+def test_sdk_against_the_live_gateway(stack):
+    import asyncio
+
+    from gateway.sdk import AsyncClient, Client, NotFoundError
+
+    url, *_ = stack
+    with Client(url, max_retries=0) as client:
+        reply = client.chat.completions.create(messages=MESSAGES, max_tokens=4, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        assert reply.route.tier == "cloud" and reply.model == "tiny-cloud" and reply.route.request_id
+        assert reply.usage.completion_tokens == 4
+        with client.chat.completions.create(messages=MESSAGES, model="edge", max_tokens=4, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}) as stream:
+            chunks = list(stream)
+        assert stream.route.tier == "edge" and chunks[-1].usage.completion_tokens == 4
+        decision = client.route(messages=MESSAGES)
+        assert decision.tier == "cloud" and decision.model == "tiny-cloud" and decision.reasons
+        assert {"auto", "edge", "cloud"} <= {m.id for m in client.models.list().data}
+        with pytest.raises(NotFoundError):
+            client.chat.completions.create(messages=MESSAGES, model="gpt-9")
+
+    async def async_calls():
+        async with AsyncClient(url, max_retries=0) as client:
+            reply = await client.chat.completions.create(messages=MESSAGES, model="edge", max_tokens=3,
+                                                         extra_body={"ignore_eos": True})
+            stream = await client.chat.completions.create(messages=MESSAGES, max_tokens=3, stream=True,
+                                                          extra_body={"ignore_eos": True})
+            async with stream:
+                n = len([c async for c in stream])
+            return reply, n
+
+    reply, n = asyncio.run(async_calls())
+    assert reply.route.tier == "edge" and n >= 2
