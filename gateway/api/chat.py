@@ -12,9 +12,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.background import BackgroundTask
 
 from gateway.backends import Backend, BackendUnavailable
@@ -66,8 +67,22 @@ def _check_prompt_size(gw, prompt: str | list[dict[str, Any]]) -> None:
                           param="messages", code="prompt_too_large")
 
 
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    """The request body validated as ``model``, straight from bytes (pydantic-core parses the JSON).
+
+    Done here rather than by FastAPI's body parameter, whose dependency machinery cost ~0.2 ms per
+    request on our CPU; errors raise the same ``RequestValidationError`` (400 for non-JSON, else 422).
+    """
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
 @router.post("/v1/route")
-async def route(body: RouteRequest, request: Request, identity: str = Depends(caller)) -> dict[str, Any]:
+async def route(request: Request) -> dict[str, Any]:
+    identity = await caller(request)
+    body = await _body(request, RouteRequest)
     gw = gateway(request)
     prompt = [{"role": m.role, "content": m.text()} for m in body.messages] if body.messages else body.prompt
     _check_prompt_size(gw, prompt)
@@ -79,13 +94,16 @@ async def route(body: RouteRequest, request: Request, identity: str = Depends(ca
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           identity: str = Depends(caller)) -> Any:
+async def chat_completions(request: Request) -> Any:
+    identity = await caller(request)  # 401 / 429 before the body is even parsed
+    body: ChatCompletionRequest = await _body(request, ChatCompletionRequest)
     return await _serve(request, "chat", body, body.plain_messages(), identity)
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, identity: str = Depends(caller)) -> Any:
+async def completions(request: Request) -> Any:
+    identity = await caller(request)
+    body: CompletionRequest = await _body(request, CompletionRequest)
     text = body.prompt_text()
     return await _serve(request, "completion", body, text if text is not None else "", identity)
 
