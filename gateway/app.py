@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -83,6 +84,47 @@ class BodyLimitMiddleware:
             return message
 
         return await self.app(scope, limited_receive, send)
+
+
+class RequestMetricsMiddleware:
+    """Counts every completion request by tier and final status, and times it to its last byte.
+
+    Pure ASGI, outside the exception handlers, so refusals (401, 404, 413, 422, 429 …) are counted
+    too; ``tier`` comes from the ``x-hybrid-route`` header ("none" when refused before routing). A
+    stream counts when its last chunk is sent; a client that left first is status 499, a crash 500.
+    """
+
+    PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.PATHS:
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status: int | None = None
+        tier = "none"
+        done = False
+
+        async def send_and_watch(message: dict) -> None:
+            nonlocal status, tier, done
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                tier = next((v.decode() for k, v in message.get("headers", ()) if k == b"x-hybrid-route"), "none")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                done = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        except Exception:
+            status, done = 500, True
+            raise
+        finally:
+            gw = getattr(scope["app"].state, "gateway", None) if "app" in scope else None
+            if gw is not None:
+                gw.metrics.observe_request(tier, status if done and status else 499, time.perf_counter() - start)
 
 
 def _too_large(max_bytes: int) -> OpenAIError:
@@ -169,6 +211,7 @@ def create_app(settings: GatewaySettings | None = None, *, edge: Backend | None 
 
     app = FastAPI(title="hybrid-gateway", lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware)  # added last = outermost: sees 413s from the body limit too
     install_error_handlers(app)
 
     @app.exception_handler(UpstreamError)

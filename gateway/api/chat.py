@@ -26,6 +26,7 @@ from kernels.serving import (
     ChatMessage,
     CompletionRequest,
     OpenAIError,
+    StreamOptions,
     sse_bytes,
     unless_disconnected,
 )
@@ -123,13 +124,15 @@ async def _serve(request: Request, kind: str, body: ChatCompletionRequest | Comp
     _check_prompt_size(gw, prompt)
     decision = gw.policy.decide(body.model, prompt, identity=identity,
                                 session=request.headers.get("x-hybrid-session"))
+    strip_usage = body.stream and not body.include_usage
+    if strip_usage:
+        body.stream_options = StreamOptions(include_usage=True)  # exact token counts for limits and metrics
     try:
         result = await _call(gw.policy.backend(decision.tier), kind, body) if body.stream else \
             await unless_disconnected(request, _call(gw.policy.backend(decision.tier), kind, body))
     except BackendUnavailable as exc:
         fallback = gw.policy.fallback(decision, exc)
         if fallback is None:
-            gw.metrics.observe_request(decision.tier, 503, time.perf_counter() - start)
             raise
         decision = fallback
         result = await _call(gw.policy.backend(decision.tier), kind, body) if body.stream else \
@@ -137,14 +140,13 @@ async def _serve(request: Request, kind: str, body: ChatCompletionRequest | Comp
     gw.metrics.observe_route(decision.tier, decision.reason, decision.score)
     headers = {**decision.headers(), "x-request-id": request_id}
     if body.stream:
-        chunks = _instrumented(gw, decision, identity, result, start)
+        chunks = _instrumented(gw, decision, identity, result, start, strip_usage)
         return StreamingResponse(sse_bytes(chunks), media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"},
                                  background=BackgroundTask(_close, result))
     usage = result.get("usage") or {}
     gw.metrics.observe_tokens(decision.tier, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
     gw.limiter.record_tokens(identity, usage.get("total_tokens", 0))
-    gw.metrics.observe_request(decision.tier, 200, time.perf_counter() - start)
     return JSONResponse(result, headers=headers)
 
 
@@ -155,35 +157,48 @@ async def _close(stream: Any) -> None:
         await aclose()
 
 
-async def _instrumented(gw, decision: Decision, identity: str, chunks: Any,
-                        start: float) -> AsyncIterator[dict[str, Any]]:
-    """Pass chunks through, timing the first token and the gaps after it, and count tokens for limits."""
+def _carries_token(chunk: dict[str, Any]) -> bool:
+    """A chunk with generated text or the finish (not the leading role-only chunk, not the usage chunk)."""
+    choices = chunk.get("choices")
+    if not choices:
+        return False
+    choice = choices[0]
+    return bool((choice.get("delta") or {}).get("content") or choice.get("text")) or \
+        choice.get("finish_reason") is not None
+
+
+async def _instrumented(gw, decision: Decision, identity: str, chunks: Any, start: float,
+                        strip_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    """Pass chunks through, timing the first token and the gaps after it, and count tokens for limits.
+
+    The backend is always asked for usage (exact token counts for the rate limiter and metrics);
+    ``strip_usage`` hides it again from a client that did not ask for it.
+    """
     tier = decision.tier
     first = last = None
-    num_deltas = 0
+    num_tokens = 0
     usage: dict[str, Any] | None = None
-    status = 200
     try:
         async for chunk in chunks:
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            if chunk.get("choices"):
+            if _carries_token(chunk):
                 now = time.perf_counter()
                 if first is None:
                     first = now
                     gw.metrics.observe_ttft(tier, now - start)
                 last = now
-                num_deltas += 1
+                num_tokens += 1
+            if strip_usage:
+                if not chunk.get("choices"):
+                    continue  # the usage-only chunk the client did not ask for
+                chunk.pop("usage", None)
             yield chunk
-    except BaseException:
-        status = 499
-        raise
     finally:
         await _close(chunks)
-        if first is not None and last is not None and num_deltas > 1:
-            gw.metrics.observe_tpot(tier, (last - first) / (num_deltas - 1))
+        if first is not None and last is not None and num_tokens > 1:
+            gw.metrics.observe_tpot(tier, (last - first) / (num_tokens - 1))
         prompt = usage.get("prompt_tokens", 0) if usage else 0
-        generated = usage.get("completion_tokens", num_deltas) if usage else num_deltas
+        generated = usage.get("completion_tokens", num_tokens) if usage else num_tokens
         gw.metrics.observe_tokens(tier, prompt, generated)
         gw.limiter.record_tokens(identity, prompt + generated)
-        gw.metrics.observe_request(tier, status, time.perf_counter() - start)

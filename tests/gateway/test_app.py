@@ -234,3 +234,34 @@ def test_completions_endpoint(tiny):
     r = run(tiny, _settings(router_threshold=1.0), scenario)
     assert r.status_code == 200 and r.json()["object"] == "text_completion"
     assert r.headers["x-hybrid-route"] == "edge" and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_metrics_count_refusals_by_status(tiny):
+    async def scenario(client, app):
+        await client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"})
+        await client.post("/v1/chat/completions", json={"max_tokens": 3})
+        await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer wrong"})
+        async with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            [line async for line in r.aiter_lines()]
+        return (await client.get("/metrics")).text
+
+    text = run(tiny, _settings(router_threshold=1.0, api_keys=["sk-a"]), scenario)
+    assert 'hybrid:requests_total{status="404",tier="none"} 1.0' in text
+    assert 'hybrid:requests_total{status="422",tier="none"} 1.0' in text
+    assert 'hybrid:requests_total{status="401",tier="none"} 1.0' in text
+    assert 'hybrid:requests_total{status="200",tier="edge"} 1.0' in text
+    assert 'hybrid:e2e_request_latency_seconds_count{tier="edge"} 1.0' in text
+
+
+def test_stream_without_include_usage_hides_usage_but_limits_count_tokens(tiny):
+    async def scenario(client, app):
+        async with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            lines = [line async for line in r.aiter_lines() if line]
+        return lines, (await client.get("/metrics")).text
+
+    lines, text = run(tiny, _settings(router_threshold=1.0), scenario)
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(e["choices"] and "usage" not in e for e in events)
+    assert 'hybrid:generation_tokens_total{tier="edge"} 4.0' in text
+    assert 'hybrid:time_to_first_token_seconds_count{tier="edge"} 1.0' in text
+    assert 'hybrid:time_per_output_token_seconds_count{tier="edge"} 1.0' in text
