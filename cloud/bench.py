@@ -22,9 +22,7 @@ exercised by the tests, which run on CPU).
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +39,7 @@ from rich.table import Table
 from cloud.engine import CloudEngine
 from cloud.model import valid_tp_degrees
 from cloud.parallel import COLLECTIVES
+from kernels.bench_report import machine_info, save_report
 from kernels.checkpoints import ModelConfig, load_checkpoint
 from kernels.checkpoints.store import resolve_model
 from kernels.engine import EngineConfig, EngineCore
@@ -113,15 +112,6 @@ def make_prompts(tokenizer: Any, lengths: Sequence[int], vocab_size: int) -> lis
     longest = max(lengths) + len(ids) * len(lengths)
     stream = ids * (longest // len(ids) + 1)
     return [stream[i * 7 % len(ids):i * 7 % len(ids) + n] for i, n in enumerate(lengths)]
-
-
-def machine_info() -> dict[str, Any]:
-    cuda = torch.cuda.is_available()
-    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if cuda else None, "gpu_count": torch.cuda.device_count(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def _loadavg() -> list[float] | None:
@@ -314,12 +304,7 @@ def run_cloud_bench(cfg: CloudBenchConfig, *, out_dir: Path | None = Path("bench
               "config": {**asdict(cfg), "tp": list(degrees), "threads": threads},
               "results": results, "ratios": ratios(results), "files": []}
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = out_dir / f"cloud-{time.strftime('%Y%m%d-%H%M%S')}"
-        report["files"] = [str(stem.with_suffix(".json")), str(stem.with_suffix(".png"))]
-        plot_report(report, stem.with_suffix(".png"))
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        save_report(report, out_dir, "cloud", plot_report)
     print_report(report, console)
     return report
 

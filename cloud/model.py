@@ -32,7 +32,7 @@ from cloud.parallel import (
 )
 from kernels.attention import AttentionMetadata, attention
 from kernels.checkpoints import Checkpoint, ModelConfig
-from kernels.model import RMSNorm, rope_inv_freq, rotate_half
+from kernels.model import RMSNorm, rope_cos_sin, rope_inv_freq, rotate_half
 
 
 def valid_tp_degrees(config: ModelConfig) -> list[int]:
@@ -176,10 +176,7 @@ class TPTransformerModel(nn.Module):
         return model.eval()
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [num_tokens] -> cos, sin: [num_tokens, 1, head_dim], computed in float32
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq.unsqueeze(0)
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return rope_cos_sin(positions, self.inv_freq, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

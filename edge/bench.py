@@ -10,7 +10,6 @@ against a copy-bandwidth measurement of this machine taken in the same run.
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from kernels.bench_report import save_report
 from kernels.engine import EngineCore
 from kernels.sampling import SamplingParams
 from kernels.tokenizer import Tokenizer
@@ -231,11 +231,7 @@ def run_edge_bench(core: EngineCore, tokenizer: Tokenizer, describe: dict[str, A
                       "roofline_tok_per_s": machine_bw / bytes_per_token},
     }
     report["ratios"] = summarize(ours, peer_results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"edge-{time.strftime('%Y%m%d-%H%M%S')}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
-    plot_report(report, out_dir / f"{stem}.png")
-    report["files"] = [str(out_dir / f"{stem}.json"), str(out_dir / f"{stem}.png")]
+    save_report(report, out_dir, "edge", plot_report)
     print_report(report, console)
     console.print(f"saved {report['files'][0]} and {report['files'][1]}")
     return report

@@ -30,11 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import time
 from collections.abc import AsyncIterator, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +46,7 @@ from gateway.backends.inprocess import InProcessBackend
 from gateway.config import GatewaySettings
 from gateway.routing import Router, default_router
 from kernels.async_engine import AsyncEngine
+from kernels.bench_report import machine_info, save_report
 from kernels.serving import OpenAIServing
 
 GOAL_P50_ADDED_MS = 1.0  # the goal: at most 1 ms p50 added vs the in-process engine
@@ -168,21 +166,6 @@ async def _sse_chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]
     async for line in response.aiter_lines():
         if line.startswith("data: ") and line != "data: [DONE]":
             yield json.loads(line[6:])
-
-
-def machine_info() -> dict[str, Any]:
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "platform": platform.platform(), "python": platform.python_version(),
-            **{name: version(name) for name in ("torch", "onnxruntime", "fastapi", "uvicorn", "httpx")},
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -440,12 +423,7 @@ def run_gateway_bench(engine: AsyncEngine, *, requests: int = 200, warmup: int =
         "files": [],
     }
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = out_dir / f"gateway-{time.strftime('%Y%m%d-%H%M%S')}"
-        report["files"] = [str(stem.with_suffix(".json")), str(stem.with_suffix(".png"))]
-        plot_report(report, stem.with_suffix(".png"))
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        save_report(report, out_dir, "gateway", plot_report)
     print_report(report, console)
     return report
 
