@@ -192,6 +192,8 @@ def create_app(settings: GatewaySettings | None = None, *, edge: Backend | None 
                     local_cloud = LocalCloud(settings)
                     stack.callback(local_cloud.stop)
                     await local_cloud.start()
+                    supervisor = asyncio.create_task(local_cloud.supervise(), name="cloud-supervisor")
+                    stack.callback(supervisor.cancel)
                     urls = [local_cloud.url]
                 cloud_backend = _cloud_backend(settings, urls)
             for backend in (edge_backend, cloud_backend):

@@ -66,9 +66,36 @@ class LocalCloud:
             cmd += ["--dtype", self.settings.cloud_dtype]
         return cmd
 
-    async def start(self) -> None:
+    def _spawn(self) -> None:
         log.info("starting the cloud tier: %s", " ".join(self.command()))
         self.process = subprocess.Popen(self.command(), preexec_fn=_die_with_parent)  # noqa: PLW1509
+
+    async def supervise(self, max_backoff_s: float = 30.0, stable_s: float = 60.0) -> None:
+        """Restart the cloud tier whenever it exits (a rank died, it was killed), with exponential backoff.
+
+        Runs as a task for the gateway's lifetime; meanwhile the gateway serves on the edge and its health
+        probes notice when the cloud answers again. A run that stayed up ``stable_s`` resets the backoff.
+        """
+        backoff, started = 1.0, time.monotonic()
+        while True:
+            await asyncio.sleep(0.5)
+            proc = self.process
+            if proc is None:
+                return  # stopped on purpose
+            if proc.poll() is None:
+                continue
+            if time.monotonic() - started > stable_s:
+                backoff = 1.0
+            log.error("the cloud tier exited with code %s; serving on the edge, restarting it in %.0f s",
+                      proc.returncode, backoff)
+            await asyncio.sleep(backoff)
+            if self.process is None:
+                return
+            self._spawn()
+            started, backoff = time.monotonic(), min(backoff * 2, max_backoff_s)
+
+    async def start(self) -> None:
+        self._spawn()
         deadline = time.monotonic() + self.startup_timeout_s
         async with httpx.AsyncClient(timeout=2.0) as client:
             while True:

@@ -121,6 +121,34 @@ def test_default_stack_serves_64_concurrent_streams(serve):
     assert asyncio.run(main()) == [8] * 64
 
 
+def _cloud_pid(proc) -> int:
+    (pid,) = [p for p in _descendants(proc.pid)
+              if "cloud" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+              and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
+    return pid
+
+
+def test_a_killed_cloud_is_restarted_and_serves_again(serve):
+    url, proc, log = serve
+    body = {"messages": [{"role": "user", "content": "Prove that there are infinitely many primes."}],
+            "max_tokens": 4}
+    old = _cloud_pid(proc)
+    os.kill(old, signal.SIGKILL)
+    for model in ("auto", "edge"):  # served meanwhile: auto falls back to the edge if it picked the cloud
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "model": model}, timeout=60)
+        assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 180
+    while "restarting it" not in log.read_text() or not httpx.get(url + "/health").json()["tiers"]["cloud"]["healthy"]:
+        assert time.monotonic() < deadline, "the cloud tier was not restarted:\n" + log.read_text()[-2000:]
+        time.sleep(0.5)
+    deadline = time.monotonic() + 180
+    while (forced := httpx.post(url + "/v1/chat/completions", json={**body, "model": "cloud"}, timeout=60)
+           ).status_code != 200:
+        assert time.monotonic() < deadline, forced.text
+        time.sleep(0.5)
+    assert forced.headers["x-hybrid-route"] == "cloud" and _cloud_pid(proc) != old
+
+
 def test_ctrl_c_stops_everything(serve):
     _, proc, log = serve
     family = _descendants(proc.pid)
