@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from edge.runner import OnnxRunner
+from edge.runner import OnnxRunner, use_global_thread_pool
 from kernels.attention import attention
 from kernels.checkpoints import load_checkpoint
 from kernels.checkpoints.store import resolve_model
@@ -31,10 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy-level", type=int, default=None)
     parser.add_argument("--source", default="auto", choices=("auto", "requantize"))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--global-pool", action="store_true", help="one ONNX Runtime thread pool for all sessions")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
+    if args.global_pool and not use_global_thread_pool(args.threads):
+        parser.error("ONNX Runtime is already initialised in this process")
     ckpt = load_checkpoint(resolve_model(args.model))
     t0 = time.perf_counter()
     runner = OnnxRunner(ckpt, args.quant, accuracy_level=args.accuracy_level, source=args.source,

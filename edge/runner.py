@@ -43,6 +43,31 @@ def physical_cores() -> int:
     return max(1, min(cores or os.cpu_count() or 1, len(os.sched_getaffinity(0))))
 
 
+_global_pool_threads: int | None = None  # set once by use_global_thread_pool
+
+
+def use_global_thread_pool(num_threads: int | None = None) -> bool:
+    """Make every ONNX Runtime session this process creates share one intra-op thread pool.
+
+    One pool for all ``num_layers + 1`` sessions keeps its worker threads warm between the sessions of a
+    step, where one pool per session wakes a sleeping thread for every parallel op: batch-1 decode goes
+    from ~67 to ~80 tok/s on our 2 cores (``bench/edge_decode.py --global-pool``). Once it is on, ONNX
+    Runtime refuses any session of the process that asks for its own pool, so only process entry points
+    call this (``serve``, ``bench``), never library code. Returns False, changing nothing, when ORT
+    refuses (the sizes were already set).
+    """
+    global _global_pool_threads
+    num_threads = num_threads or physical_cores()
+    if _global_pool_threads is not None:
+        return _global_pool_threads == num_threads
+    try:
+        ort.capi._pybind_state.set_global_thread_pool_sizes(num_threads, 1)
+    except Exception:  # noqa: BLE001 - ORT raises its own Fail type: global pools exist already
+        return False
+    _global_pool_threads = num_threads
+    return True
+
+
 class OnnxRunner:
     """A :class:`kernels.runner.ModelRunner` on ONNX Runtime.
 
@@ -80,7 +105,7 @@ class OnnxRunner:
         # torch's intra-op threads while the step runs on CPU. Attention at edge batch sizes is a chain of tiny
         # ops; handing each to a second thread costs more than it saves (10x slower on a loaded 2-core box).
         self.attention_threads = attention_threads if self.device.type == "cpu" else None
-        self.intra_op_num_threads = intra_op_num_threads or physical_cores()
+        self.intra_op_num_threads = _global_pool_threads or intra_op_num_threads or physical_cores()
         self.sessions = [self._session(path) for path in self.model.paths]
         self._run_options = ort.RunOptions()
         if self.device.type == "cuda":
@@ -94,7 +119,9 @@ class OnnxRunner:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if self.intra_op_num_threads > 1:
+        if _global_pool_threads is not None:
+            so.use_per_session_threads = False  # the process-wide pool (use_global_thread_pool)
+        elif self.intra_op_num_threads > 1:
             # num_layers + 1 sessions each own a pool: spinning workers would fight over the cores between
             # calls, so they sleep instead (measured at 2 threads on a loaded 2-core machine: 56 tok/s, vs 22
             # with ORT's process-wide pool, which also breaks every later session made with default options).

@@ -146,7 +146,12 @@ async def _start_edge(settings: GatewaySettings) -> Backend:
     import torch
 
     from edge.engine import EdgeEngine, default_block_size
+    from edge.runner import use_global_thread_pool
     from kernels.engine import EngineConfig
+
+    if settings.edge_global_thread_pool and not use_global_thread_pool(settings.edge_threads):
+        log.warning("ONNX Runtime was already initialised in this process: the edge keeps one thread pool per "
+                    "session")
 
     block_size = settings.edge_block_size or default_block_size("cuda" if torch.cuda.is_available() else "cpu")
     config = EngineConfig(block_size=block_size, max_num_seqs=settings.edge_max_num_seqs,

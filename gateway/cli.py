@@ -178,13 +178,14 @@ def bench_edge(
     """Edge engine vs installed peers, same protocol, same run: decode/prefill/TTFT/aggregate, KV waste, bandwidth."""
     from edge.bench import decode_bytes_per_token, run_edge_bench
     from edge.engine import default_block_size
-    from edge.runner import OnnxRunner, physical_cores
+    from edge.runner import OnnxRunner, physical_cores, use_global_thread_pool
     from kernels.checkpoints import load_checkpoint
     from kernels.checkpoints.store import resolve_model
     from kernels.engine import EngineConfig, EngineCore
     from kernels.tokenizer import Tokenizer
 
     threads = threads or physical_cores()
+    use_global_thread_pool(threads)  # as `serve` does: one ORT pool for all sessions
     checkpoint = load_checkpoint(resolve_model(model, console=err_console))
     runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads)
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
@@ -246,8 +247,10 @@ def bench_gateway(
     out_dir: Annotated[Path, typer.Option(help="Where the JSON and PNG go.")] = Path("bench/results"),
 ) -> None:
     """Gateway vs the edge engine in-process, same run: added latency, /v1/route decisions/s, stream throughput."""
-    from edge.engine import EdgeEngine
-    from edge.runner import physical_cores
+    import torch
+
+    from edge.engine import EdgeEngine, default_block_size
+    from edge.runner import physical_cores, use_global_thread_pool
     from gateway.bench_gateway import parse_ints, run_gateway_bench
     from gateway.config import GatewaySettings
     from kernels.engine import EngineConfig
@@ -263,8 +266,10 @@ def bench_gateway(
     defaults = GatewaySettings(cloud_enabled=False)  # the engine the gateway's edge tier would start
     config = EngineConfig(max_num_seqs=max(defaults.edge_max_num_seqs, *sizes["concurrency"]),
                           max_num_batched_tokens=defaults.edge_max_batched_tokens,
-                          kv_cache_bytes=defaults.edge_kv_cache_mb << 20)
+                          kv_cache_bytes=defaults.edge_kv_cache_mb << 20,
+                          block_size=default_block_size("cuda" if torch.cuda.is_available() else "cpu"))
     threads = threads or physical_cores()
+    use_global_thread_pool(threads)  # as `serve` does
     with err_console.status("Loading the edge engine…"):
         engine = EdgeEngine.from_model(model, quant=quant, config=config, threads=threads)
     try:

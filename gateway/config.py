@@ -149,6 +149,9 @@ class GatewaySettings(BaseSettings):
     edge_max_num_seqs: int = Field(64, ge=1, description="Most sequences the edge engine runs at once.")
     edge_max_batched_tokens: int = Field(512, ge=1, description="Token budget of one edge engine step.")
     edge_kv_cache_mb: int = Field(512, ge=1, description="Edge KV cache size in MiB.")
+    edge_global_thread_pool: bool = Field(True, description="One ONNX Runtime thread pool shared by all edge "
+                                                            "sessions (faster; the gateway process then "
+                                                            "allows no other kind of ORT session).")
     edge_block_size: int | None = Field(None, ge=1, description="Edge KV block size in tokens (unset = 4 on CPU, "
                                                                 "16 on a GPU).")
     # Cloud tier
