@@ -3,12 +3,13 @@
 The child is rank 0 of the cloud engine (it spawns the other ranks itself) and serves the
 OpenAI-compatible API on ``127.0.0.1:cloud_port``; the gateway reaches it over HTTP like any external
 cloud. No orphans: the child gets SIGTERM from the kernel if the gateway dies (``PR_SET_PDEATHSIG``),
-and :meth:`LocalCloud.stop` sends SIGTERM, waits, then SIGKILLs its whole process group.
+and :meth:`LocalCloud.stop` sends rank 0 SIGTERM, waits, then SIGKILLs what is left of its process group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -113,15 +114,17 @@ class LocalCloud:
                 await asyncio.sleep(0.25)
 
     def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM to rank 0 (it stops its server and joins its ranks), then SIGKILL to whatever is left of
+        the process group. Signalling the whole group at once would kill the ranks under rank 0's feet."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("cloud tier did not stop in %.0f s; killing it", timeout)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("cloud tier did not stop in %.0f s; killing it", timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (normally none)
+        proc.wait()
