@@ -57,13 +57,23 @@ def _padding_mask(meta: AttentionMetadata) -> torch.Tensor | None:
     return None if bool(meta.derived["pad_all"]) else meta.derived["pad_mask"]
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``cache`` rows at ``slots`` (any shape): [*slots.shape, num_kv_heads, head_dim].
+
+    ``index_select`` on the flattened index, not advanced indexing: 5x faster on CPU (a batch of 16
+    sequences' K/V per layer: 37 vs 190 us), which halves a batched decode step's attention.
+    """
+    rows = cache.flatten(0, 1).index_select(0, slots.flatten())
+    return rows.view(*slots.shape, *cache.shape[2:])
+
+
 def _attend_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                  mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """One query per row over its gathered keys. q: [n, num_heads, head_dim]; slots: [n, kv_len]."""
     n, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    k = k_cache.flatten(0, 1)[slots]  # [n, kv_len, num_kv_heads, head_dim]
-    v = v_cache.flatten(0, 1)[slots]
+    k = _gather(k_cache, slots)  # [n, kv_len, num_kv_heads, head_dim]
+    v = _gather(v_cache, slots)
     out = F.scaled_dot_product_attention(
         q.float().unsqueeze(2),  # [n, num_heads, 1, head_dim]
         k.float().transpose(1, 2), v.float().transpose(1, 2),  # [n, num_kv_heads, kv_len, head_dim]
@@ -91,14 +101,13 @@ def paged_prefill_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         idx = torch.tensor(singles, device=q.device)
         mask = _padding_mask(meta)
         out[rows] = _attend_rows(q[rows], k_cache, v_cache, slots[idx], None if mask is None else mask[idx], scale)
-    kf, vf = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
     for i, query_len in enumerate(query_lens):
         if query_len == 1:
             continue
         seq_len, start = seq_lens[i], cu[i]
         seq_slots = slots[i, :seq_len]
-        k = kf[seq_slots].float().transpose(0, 1)  # [num_kv_heads, seq_len, head_dim]
-        v = vf[seq_slots].float().transpose(0, 1)
+        k = _gather(k_cache, seq_slots).float().transpose(0, 1)  # [num_kv_heads, seq_len, head_dim]
+        v = _gather(v_cache, seq_slots).float().transpose(0, 1)
         qi = q[start:start + query_len].float().transpose(0, 1)  # [num_heads, query_len, head_dim]
         context_len = seq_len - query_len
         if context_len == 0:
