@@ -1,6 +1,6 @@
 """Batch-1 greedy decode speed of the edge runner (ONNX Runtime dense parts + kernels attention).
 
-    python bench/edge_decode.py --quant int4 --new-tokens 64 --threads 2
+    python bench/edge_decode.py --quant int4 --new-tokens 64 --threads 2 [--global-pool] [--batches 1,16,64]
 
 Prints prefill time, decode tok/s and a per-step breakdown of a decode step: time inside ONNX Runtime
 (sessions replayed alone on the same bound buffers), time inside ``kernels.attention`` (the layer calls
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default="auto", choices=("auto", "requantize"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--global-pool", action="store_true", help="one ONNX Runtime thread pool for all sessions")
+    parser.add_argument("--batches", default="", help="also time decode steps of these batch sizes, e.g. 1,16,64 "
+                                                      "(every sequence at --context tokens)")
+    parser.add_argument("--context", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
@@ -100,7 +103,43 @@ def main(argv: list[str] | None = None) -> int:
     print(f"decode step {step_s * 1e3:.2f} ms = ORT {ort_s * 1e3:.2f} ms ({len(runner.sessions)} sessions) + "
           f"attention {attn_s * 1e3:.2f} ms ({c.num_layers} calls) + glue {(step_s - ort_s - attn_s) * 1e3:.2f} ms; "
           f"(ModelInput.build outside the step: {build_s * 1e3:.2f} ms)")
+    for size in (int(b) for b in args.batches.split(",") if b):
+        batched_step(runner, size, args.context)
     return 0
+
+
+def batched_step(runner: OnnxRunner, batch_size: int, context: int, block_size: int = 4, n: int = 10) -> None:
+    """Time one decode step of ``batch_size`` sequences with ``context`` cached tokens each, split like above."""
+    c = runner.config
+    blocks = -(-(context + 1) // block_size)
+    spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, num_blocks=blocks * batch_size, block_size=block_size)
+    cache = spec.allocate()
+    tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(batch_size)]
+    batch = ModelInput.build([[5]] * batch_size, [context] * batch_size, tables, [True] * batch_size, block_size)
+    for _ in range(3):
+        runner.execute(batch, cache)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        runner.execute(batch, cache)
+    step_s = (time.perf_counter() - t0) / n
+    step = runner._step_buffers(batch_size, batch_size)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for run in step.runs:
+            run(runner._run_options)
+    ort_s = (time.perf_counter() - t0) / n
+    q = step.q.view(batch_size, c.num_heads, c.head_dim)
+    k = step.k.view(batch_size, c.num_kv_heads, c.head_dim)
+    v = step.v.view(batch_size, c.num_kv_heads, c.head_dim)
+    if runner.attention_threads is not None:
+        torch.set_num_threads(runner.attention_threads)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for layer in range(c.num_layers):
+            attention(q, k, v, cache[layer, 0], cache[layer, 1], batch.attn, runner.scale, impl=runner.attention_impl)
+    attn_s = (time.perf_counter() - t0) / n
+    print(f"batch {batch_size} at context {context}: step {step_s * 1e3:.1f} ms ({batch_size / step_s:.0f} tok/s) = "
+          f"ORT {ort_s * 1e3:.1f} + attention {attn_s * 1e3:.1f} + glue {(step_s - ort_s - attn_s) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":
