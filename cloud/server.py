@@ -81,19 +81,18 @@ def create_app(engine_factory: Callable[[], AsyncEngine], *, served_model_name: 
                                      headers={"x-request-id": result.request_id, "cache-control": "no-cache"})
         return JSONResponse(result, headers={"x-request-id": result["id"]})
 
+    async def complete(request: Request, body: ChatCompletionRequest | CompletionRequest, kind: str) -> Any:
+        srv = serving(request, body.model)
+        work = srv.chat_completions(body) if kind == "chat" else srv.completions(body)
+        return await respond(request, await (work if body.stream else unless_disconnected(request, work)))
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        srv = serving(request, body.model)
-        if body.stream:
-            return await respond(request, await srv.chat_completions(body))
-        return await respond(request, await unless_disconnected(request, srv.chat_completions(body)))
+        return await complete(request, body, "chat")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        srv = serving(request, body.model)
-        if body.stream:
-            return await respond(request, await srv.completions(body))
-        return await respond(request, await unless_disconnected(request, srv.completions(body)))
+        return await complete(request, body, "completion")
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

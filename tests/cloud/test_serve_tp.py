@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -17,7 +16,7 @@ import openai
 import pytest
 
 from tests.cloud.tp_helpers import write_variant
-from tests.gateway.test_serve_e2e import _alive, _descendants, _free_port
+from tests.support.processes import alive, descendants, free_port, start_server
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -25,26 +24,12 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 @pytest.fixture()
 def server(tmp_path):
     path = write_variant(tmp_path, "llama-hf-tied")
-    port = _free_port()
-    log = tmp_path / "cloud.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "cloud", "serve", "--model", str(path),
-                                 "--tp", "2", "--port", str(port), "--kv-cache-mb", "8", "--log-level", "warning"],
-                                stdout=out, stderr=subprocess.STDOUT)
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"cloud serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("cloud serve did not start:\n" + log.read_text()[-3000:])
-        time.sleep(0.2)
+    log = tmp_path / "cloud.log"
+    proc = start_server([sys.executable, "-m", "gateway.cli", "cloud", "serve", "--model", str(path), "--tp", "2",
+                         "--port", str(port), "--kv-cache-mb", "8", "--log-level", "warning"], log,
+                        lambda: httpx.get(url + "/health", timeout=2).status_code == 200, timeout=180)
     yield url, proc, log
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -75,17 +60,17 @@ def test_tp2_server_answers_openai_client_and_frees_blocks_on_disconnect(server)
         time.sleep(0.05)
     assert s["generated_tokens"] < 5 + 5 + 200
     # SIGTERM: a clean stop, ranks joined, nothing left behind.
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     time.sleep(0.5)
-    assert not {p for p in family if _alive(p)}
+    assert not {p for p in family if alive(p)}
 
 
 def test_killing_a_rank_stops_the_server_with_a_clear_error(server):
     url, proc, log = server
     (worker,) = [int(p) for p in httpx.get(url + "/stats").json()["worker_pids"].values()]
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     os.kill(worker, signal.SIGKILL)
     start = time.monotonic()
     code = proc.wait(20)
@@ -93,4 +78,4 @@ def test_killing_a_rank_stops_the_server_with_a_clear_error(server):
     text = log.read_text()
     assert f"cloud rank 1 (pid {worker}) exited" in text, text[-3000:]
     time.sleep(0.5)
-    assert not {p for p in family if _alive(p)}, "orphans left behind"
+    assert not {p for p in family if alive(p)}, "orphans left behind"

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,66 +18,24 @@ import httpx
 import openai
 import pytest
 
+from tests.support.processes import alive, descendants, free_port, start_server
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _descendants(pid: int) -> set[int]:
-    """All live descendants of ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture(scope="module")
 def serve(smollm2_gguf, tmp_path_factory):
-    port, cloud_port = _free_port(), _free_port()
+    port, cloud_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "HYBRID_GATEWAY_EDGE_KV_CACHE_MB": "128"}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
-                                 "--cloud-port", str(cloud_port), "--log-level", "warning"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200 and \
-                    httpx.get(url + "/health", timeout=2).json()["tiers"]["cloud"]["healthy"]:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"serve did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+
+    def ready() -> bool:
+        return (httpx.get(url + "/ready", timeout=2).status_code == 200
+                and httpx.get(url + "/health", timeout=2).json()["tiers"]["cloud"]["healthy"])
+
+    proc = start_server([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--cloud-port",
+                         str(cloud_port), "--log-level", "warning"], log, ready, timeout=600, env=env)
     yield url, proc, log
     if proc.poll() is None:
         proc.kill()
@@ -122,7 +78,7 @@ def test_default_stack_serves_64_concurrent_streams(serve):
 
 
 def _cloud_pid(proc) -> int:
-    (pid,) = [p for p in _descendants(proc.pid)
+    (pid,) = [p for p in descendants(proc.pid)
               if "cloud" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
               and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
     return pid
@@ -151,12 +107,12 @@ def test_a_killed_cloud_is_restarted_and_serves_again(serve):
 
 def test_ctrl_c_stops_everything(serve):
     _, proc, log = serve
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     assert family, "the cloud tier should be running as child processes"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
     deadline = time.monotonic() + 15
-    while (alive := {p for p in family if _alive(p)}) and time.monotonic() < deadline:
+    while (left := {p for p in family if alive(p)}) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not alive, f"orphans left behind: {alive}"
+    assert not left, f"orphans left behind: {left}"
