@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -43,7 +44,17 @@ def test_concurrent_streams_match_solo_runs(tiny):
 
 
 def test_leaving_a_stream_early_aborts_and_frees_blocks(tiny):
-    engine = AsyncEngine(make_engine(tiny)).start()
+    core = make_engine(tiny)
+    step = core.step
+
+    def paced_step():
+        # At least 5 ms a step, so 200 tokens take a second however fast the machine: the request is
+        # surely still running when the test cancels it (the tiny model alone can finish in 0.2 s).
+        time.sleep(0.005)
+        return step()
+
+    core.step = paced_step
+    engine = AsyncEngine(core).start()
     long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
 
     async def main():

@@ -13,6 +13,15 @@ from gateway.backends import Backend, BackendUnavailable, OpenAIHTTPBackend, Ups
 
 from .conftest import byte_pieces, chunk, completion, run, sse
 
+
+async def _settle(predicate, timeout_s: float = 5.0) -> None:
+    """Yield to the event loop until ``predicate()`` holds (a loaded machine may need more than a tick)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
 URLS = ["http://r0", "http://r1/v1", "http://r2/"]
 
 
@@ -194,7 +203,7 @@ def test_least_outstanding_balancing_with_concurrent_slow_requests():
         try:
             send = lambda: asyncio.create_task(cloud.chat_completions({"messages": []}, stream=False))  # noqa: E731
             first = [send() for _ in range(6)]
-            await asyncio.sleep(0.05)
+            await _settle(lambda: len(calls) == 6)
             assert Counter(calls) == {"r0": 2, "r1": 2, "r2": 2}
             assert cloud.load().outstanding == 6
             gates["r1"].set()  # r1 finishes both of its requests; the next two must go there
@@ -203,7 +212,8 @@ def test_least_outstanding_balancing_with_concurrent_slow_requests():
             gates["r1"].clear()
             calls.clear()
             second = [send() for _ in range(2)]
-            await asyncio.sleep(0.05)
+            await _settle(lambda: len(calls) == 2)
+            await asyncio.sleep(0.02)  # room for a wrong third call to show up
             assert calls == ["r1", "r1"]
             for gate in gates.values():
                 gate.set()
