@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from gateway.backends import OpenAIHTTPBackend
+from tests.support.live_server import ClosingServer
 
 from .conftest import chunk, run
 
@@ -60,7 +61,7 @@ class Upstream:
     def start(self) -> None:
         config = uvicorn.Config(self.app(), host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
                                 ws="none", http="h11", timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
+        self._server = ClosingServer(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
