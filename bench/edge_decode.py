@@ -16,7 +16,7 @@ import time
 import torch
 
 from edge.runner import OnnxRunner, use_global_thread_pool
-from kernels.attention import attention
+from kernels.attention import attention_kv
 from kernels.checkpoints import load_checkpoint
 from kernels.checkpoints.store import resolve_model
 from kernels.kv_cache.layout import KVCacheSpec
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None)
     parser.add_argument("--quant", default="int4", choices=("int4", "int8", "fp32"))
     parser.add_argument("--accuracy-level", type=int, default=None)
-    parser.add_argument("--source", default="auto", choices=("auto", "requantize"))
+    parser.add_argument("--source", default="auto", choices=("auto", "fast", "requantize"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--global-pool", action="store_true", help="one ONNX Runtime thread pool for all sessions")
     parser.add_argument("--batches", default="", help="also time decode steps of these batch sizes, e.g. 1,16,64 "
@@ -87,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     ort_s = (time.perf_counter() - t0) / n
     c = cfg
     q = step.q.view(1, c.num_heads, c.head_dim)
-    k = step.k.view(1, c.num_kv_heads, c.head_dim)
-    v = step.v.view(1, c.num_kv_heads, c.head_dim)
+    kv = step.kv.view(2, 1, c.num_kv_heads, c.head_dim)
+    out = step.attn.view(1, c.num_heads, c.head_dim)
     if runner.attention_threads is not None:
         torch.set_num_threads(runner.attention_threads)  # as execute() does
     t0 = time.perf_counter()
     for _ in range(n):
         for layer in range(c.num_layers):
-            attention(q, k, v, cache[layer, 0], cache[layer, 1], batch.attn, runner.scale, impl=runner.attention_impl)
+            attention_kv(q, kv, cache[layer], batch.attn, runner.scale, runner.attention_impl, out=out)
     attn_s = (time.perf_counter() - t0) / n
     t0 = time.perf_counter()
     for _ in range(n):
@@ -129,14 +129,14 @@ def batched_step(runner: OnnxRunner, batch_size: int, context: int, block_size: 
             run(runner._run_options)
     ort_s = (time.perf_counter() - t0) / n
     q = step.q.view(batch_size, c.num_heads, c.head_dim)
-    k = step.k.view(batch_size, c.num_kv_heads, c.head_dim)
-    v = step.v.view(batch_size, c.num_kv_heads, c.head_dim)
+    kv = step.kv.view(2, batch_size, c.num_kv_heads, c.head_dim)
+    out = step.attn.view(batch_size, c.num_heads, c.head_dim)
     if runner.attention_threads is not None:
         torch.set_num_threads(runner.attention_threads)
     t0 = time.perf_counter()
     for _ in range(n):
         for layer in range(c.num_layers):
-            attention(q, k, v, cache[layer, 0], cache[layer, 1], batch.attn, runner.scale, impl=runner.attention_impl)
+            attention_kv(q, kv, cache[layer], batch.attn, runner.scale, runner.attention_impl, out=out)
     attn_s = (time.perf_counter() - t0) / n
     print(f"batch {batch_size} at context {context}: step {step_s * 1e3:.1f} ms ({batch_size / step_s:.0f} tok/s) = "
           f"ORT {ort_s * 1e3:.1f} + attention {attn_s * 1e3:.1f} + glue {(step_s - ort_s - attn_s) * 1e3:.1f} ms")

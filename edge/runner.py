@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 
 from edge.builder import BuildOptions, OnnxModel, Quant, Source, build_onnx_model
-from kernels.attention import IMPLS, attention
+from kernels.attention import IMPLS, attention_kv
 from kernels.checkpoints import Checkpoint, ModelConfig
 from kernels.runner import ModelInput
 
@@ -161,15 +161,12 @@ class OnnxRunner:
         step.positions.copy_(batch.positions)
         step.logits_indices.copy_(batch.logits_indices)
         q = step.q.view(num_tokens, c.num_heads, c.head_dim)
-        k = step.k.view(num_tokens, c.num_kv_heads, c.head_dim)
-        v = step.v.view(num_tokens, c.num_kv_heads, c.head_dim)
+        kv = step.kv.view(2, num_tokens, c.num_kv_heads, c.head_dim)
         attn_out = step.attn.view(num_tokens, c.num_heads, c.head_dim)
-        run, opts = step.runs, self._run_options
+        run, opts, meta, scale, impl = step.runs, self._run_options, batch.attn, self.scale, self.attention_impl
         run[0](opts)
         for layer in range(c.num_layers):
-            out = attention(q, k, v, kv_cache[layer, 0], kv_cache[layer, 1], batch.attn, self.scale,
-                            impl=self.attention_impl)
-            attn_out.copy_(out)
+            attention_kv(q, kv, kv_cache[layer], meta, scale, impl, out=attn_out)
             if layer == c.num_layers - 1 and num_sampled == 0:
                 break  # nothing to sample (a middle prefill chunk): the cache is written, skip the head
             run[layer + 1](opts)
@@ -208,15 +205,15 @@ class _StepBuffers:
         self.positions = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
         self.logits_indices = torch.zeros(num_sampled, dtype=torch.int64, device=dev)
         self.q = torch.empty(num_tokens, q_size, dtype=f32, device=dev)
-        self.k = torch.empty(num_tokens, kv_size, dtype=f32, device=dev)
-        self.v = torch.empty(num_tokens, kv_size, dtype=f32, device=dev)
+        # New keys and values side by side, as attention_kv takes them (one cache write and one gather a layer).
+        self.kv = torch.empty(2, num_tokens, kv_size, dtype=f32, device=dev)
         self.attn = torch.zeros(num_tokens, q_size, dtype=f32, device=dev)
         # Ping-pong: layer i reads residual[i % 2] and writes residual[(i + 1) % 2].
         self.residual = [torch.empty(num_tokens, c.hidden_size, dtype=f32, device=dev) for _ in range(2)]
         self.cos = torch.empty(1, num_tokens, c.head_dim // 2, dtype=f32, device=dev)
         self.sin = torch.empty_like(self.cos)
         self.logits = torch.empty(num_sampled, c.vocab_size, dtype=f32, device=dev)
-        qkv = {"q": self.q, "k": self.k, "v": self.v}
+        qkv = {"q": self.q, "k": self.kv[0], "v": self.kv[1]}
 
         sessions = runner.sessions
         self.bindings = [_bind(sessions[0], {"input_ids": self.input_ids, "positions": self.positions},

@@ -159,6 +159,9 @@ app.command("serve")(build_serve_command(_serve))
 def bench_edge(
     model: Annotated[str | None, typer.Option(help="GGUF file, HF directory, or a cached model name.")] = None,
     quant: Annotated[str, typer.Option(help="Edge weights: int4 | int8 | fp32.")] = "int4",
+    source: Annotated[str, typer.Option(help="Where int4 weights come from: auto (the GGUF's blocks exactly) | "
+                                             "fast (Q4_1 re-quantized, no block-min correction) | requantize.")]
+    = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads for ours and every peer (default: cores).")] = None,
     peers: Annotated[str, typer.Option(help="Comma-separated peers to run if installed "
                                              "(set up with `python bench/peers/setup.py`); empty = none.")]
@@ -187,13 +190,16 @@ def bench_edge(
     threads = threads or physical_cores()
     use_global_thread_pool(threads)  # as `serve` does: one ORT pool for all sessions
     checkpoint = load_checkpoint(resolve_model(model, console=err_console))
-    runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads)
+    try:
+        runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads, source=source)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
     block_size = block_size or default_block_size(runner.device)
     config = EngineConfig(block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
                           enable_prefix_caching=prefix_caching)
     core = EngineCore(runner, tokenizer, config, checkpoint.fingerprint)
-    describe = {"engine": "hybrid-gateway edge", "quant": quant, "threads": threads,
+    describe = {"engine": "hybrid-gateway edge", "quant": quant, "source": source, "threads": threads,
                 "weights_bytes": decode_bytes_per_token(runner.model.paths, runner.config), "block_size": block_size,
                 "prefix_caching": prefix_caching}
     protocol = {"new_tokens": new_tokens, "repeats": repeats,

@@ -144,6 +144,9 @@ class GatewaySettings(BaseSettings):
     edge_model: str | None = Field(None, description="Edge model: GGUF file, HF directory or cached name "
                                                      "(unset = the embedded default).")
     edge_quant: Literal["int4", "int8"] = Field("int4", description="Edge weight quantization.")
+    edge_source: Literal["auto", "fast", "requantize"] = Field(
+        "auto", description="Where int4 weights come from: auto = the GGUF's blocks exactly; fast = Q4_1 "
+                            "re-quantized without its block mins (fewer ops, ~25% faster decode, less exact).")
     edge_threads: int | None = Field(None, ge=1, description="CPU threads for the edge engine "
                                                              "(unset = physical cores).")
     edge_max_num_seqs: int = Field(64, ge=1, description="Most sequences the edge engine runs at once.")

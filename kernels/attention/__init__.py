@@ -29,7 +29,13 @@ from kernels.attention.reference import (
     paged_prefill_ref,
     write_kv_ref,
 )
-from kernels.attention.torch_ops import paged_decode_torch, paged_prefill_torch, write_kv_torch
+from kernels.attention.torch_ops import (
+    paged_decode_packed_torch,
+    paged_decode_torch,
+    paged_prefill_torch,
+    write_kv_packed_torch,
+    write_kv_torch,
+)
 
 try:
     import triton.runtime.interpreter as _triton_interpreter
@@ -55,6 +61,7 @@ __all__ = [
     "Impl",
     "TRITON_AVAILABLE",
     "attention",
+    "attention_kv",
     "dense_attention_ref",
     "paged_decode",
     "paged_decode_ref",
@@ -128,3 +135,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     if meta.is_decode:
         return paged_decode_torch(q, k_cache, v_cache, meta, scale)
     return paged_prefill_torch(q, k_cache, v_cache, meta, scale)
+
+
+def attention_kv(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                 impl: Impl = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`attention` on the cache format's own per-layer slice, for runners that keep K and V together.
+
+    q: [num_tokens, num_heads, head_dim]; kv: [2, num_tokens, num_kv_heads, head_dim] (new keys, new values);
+    kv_cache: one layer of the shared cache, ``kv_cache[layer]`` = [2, num_blocks, block_size, num_kv_heads,
+    head_dim]. Returns the output, written into ``out`` ([num_tokens, num_heads, head_dim]) when given.
+    On CPU, keys and values move in one op each way, and the shape checks run once per step and shape:
+    a batch-1 decode layer costs about half of :func:`attention`'s.
+    """
+    if impl != "torch" and resolve_impl(impl, q) == "triton":
+        if kv.ndim != 4 or kv.shape[0] != 2 or kv_cache.ndim != 5 or kv_cache.shape[0] != 2:
+            raise ValueError(_packed_shapes_error(kv, kv_cache))
+        result = attention(q, kv[0], kv[1], kv_cache[0], kv_cache[1], meta, scale, impl="triton")
+        return result if out is None else out.copy_(result)
+    key = (q.shape, q.dtype, q.device, kv.shape, kv.dtype, kv_cache.shape, kv_cache.dtype,
+           None if out is None else out.shape)
+    if meta.derived.get("attention_kv_checked") != key:  # the same for every layer of a step: check once
+        if kv.ndim != 4 or kv.shape[0] != 2 or kv_cache.ndim != 5 or kv_cache.shape[0] != 2:
+            raise ValueError(_packed_shapes_error(kv, kv_cache))
+        check_write_kv_inputs(kv[0], kv[1], kv_cache[0], kv_cache[1], meta.slot_mapping)
+        meta.check_inputs(q, kv_cache[0], kv_cache[1], decode=meta.is_decode)
+        if out is not None and out.shape != q.shape:
+            raise ValueError(f"attention_kv: out must be shaped like q {tuple(q.shape)}, got {tuple(out.shape)}")
+        meta.derived["attention_kv_checked"] = key
+    write_kv_packed_torch(kv, kv_cache, meta)
+    if meta.is_decode:
+        result = paged_decode_packed_torch(q, kv_cache, meta, scale)
+    else:
+        result = paged_prefill_torch(q, kv_cache[0], kv_cache[1], meta, scale)
+    return result if out is None else out.copy_(result)
+
+
+def _packed_shapes_error(kv: torch.Tensor, kv_cache: torch.Tensor) -> str:
+    return (f"attention_kv: kv must be [2, num_tokens, num_kv_heads, head_dim] and kv_cache "
+            f"[2, num_blocks, block_size, num_kv_heads, head_dim], got {tuple(kv.shape)} and {tuple(kv_cache.shape)}")

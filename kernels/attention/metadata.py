@@ -45,8 +45,8 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32, offsets of each seq's new tokens
     max_query_len: int
     max_seq_len: int
-    # Tensors derived once per step and shared by every layer (e.g. the torch path's gather index).
-    derived: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    # Values derived once per step and shared by every layer (e.g. the torch path's gather index).
+    derived: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Shape and dtype checks only: reading values would force a device sync every step.

@@ -68,3 +68,62 @@ def test_derived_index_is_computed_once_per_step():
     first = meta.derived["slots_16"]
     paged_decode_torch(q, kc, vc, meta, 0.1)
     assert meta.derived["slots_16"] is first
+
+
+def _packed_case(query_lens, context_lens, heads, block_size, dtype, seed, skip_first_write=False):
+    """A multi-layer packed cache [layers, 2, blocks, block_size, kv_heads, 64] and the new q / kv of a step."""
+    num_heads, num_kv_heads = heads
+    q, kc, vc, meta = _batch(query_lens, context_lens, num_heads, num_kv_heads, 64, block_size, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    layers = torch.stack([torch.stack([kc, vc]), torch.randn(2, *kc.shape, generator=g).to(dtype)])
+    kv = torch.randn(2, 2, q.shape[0], num_kv_heads, 64, generator=g).to(dtype)  # per layer: new K, new V
+    if skip_first_write:
+        meta.slot_mapping[0] = -1
+    return q, layers, kv, meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("case", [
+    ([1, 1, 1, 1, 1], [0, 14, 15, 16, 99]),  # decode
+    ([7, 1, 20, 1], [33, 40, 16, 0]),  # chunked prefill mixed with decodes
+    ([1], [0]),
+])
+@pytest.mark.parametrize("skip", [False, True])
+def test_attention_kv_matches_reference_on_every_layer(dtype, heads, block_size, case, skip):
+    """attention_kv (packed K/V, per-step plans shared by the layers) = write_kv_ref + paged_*_ref, layer by layer."""
+    from kernels.attention import attention_kv, write_kv_ref
+
+    query_lens, context_lens = case
+    q, layers, kv, meta = _packed_case(query_lens, context_lens, heads, block_size, dtype, seed=block_size,
+                                       skip_first_write=skip)
+    expected_cache = layers.clone()
+    out = torch.full_like(q, float("nan"))
+    tol = tolerance(dtype)
+    for layer in range(layers.shape[0]):
+        ref_k, ref_v = expected_cache[layer, 0], expected_cache[layer, 1]
+        write_kv_ref(kv[layer, 0], kv[layer, 1], ref_k, ref_v, meta.slot_mapping)
+        ref = (paged_decode_ref if meta.is_decode else paged_prefill_ref)(q, ref_k, ref_v, meta, 0.125)
+        got = attention_kv(q, kv[layer], layers[layer], meta, 0.125, impl="torch", out=out)
+        assert got is out
+        torch.testing.assert_close(out, ref, **tol, msg=f"layer {layer}: attention_kv vs reference")
+        torch.testing.assert_close(layers[layer], expected_cache[layer], rtol=0, atol=0)
+    assert torch.equal(layers, expected_cache)  # nothing else in the cache was touched
+
+
+def test_attention_kv_rejects_bad_shapes_and_rechecks_when_they_change():
+    from kernels.attention import attention_kv
+
+    q, layers, kv, meta = _packed_case([1, 1], [5, 9], (4, 2), 4, torch.float32, seed=3)
+    with pytest.raises(ValueError, match="kv must be"):
+        attention_kv(q, kv[0, 0], layers[0], meta, 0.1, impl="torch")
+    with pytest.raises(ValueError, match="kv must be"):
+        attention_kv(q, kv[0], layers[0, 0], meta, 0.1, impl="torch")
+    attention_kv(q, kv[0], layers[0], meta, 0.1, impl="torch")  # fine, and remembered for the step
+    with pytest.raises(ValueError, match="q has 1 rows"):
+        attention_kv(q[:1], kv[0], layers[0], meta, 0.1, impl="torch")
+    with pytest.raises(ValueError, match="out must be shaped like q"):
+        attention_kv(q, kv[0], layers[0], meta, 0.1, impl="torch", out=torch.empty(2, 4, 32))
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        attention_kv(q, kv[0].half(), layers[0], meta, 0.1, impl="torch")
