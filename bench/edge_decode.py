@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for _ in range(n):
         for layer in range(c.num_layers):
-            attention_kv(q, kv, cache[layer], batch.attn, runner.scale, runner.attention_impl, out=out)
+            attention_kv(q, kv, cache[layer], batch.attn, runner.scale, runner.attention_impl, out=out,
+                         threads=runner.intra_op_num_threads)
     attn_s = (time.perf_counter() - t0) / n
     t0 = time.perf_counter()
     for _ in range(n):
@@ -136,7 +137,8 @@ def batched_step(runner: OnnxRunner, batch_size: int, context: int, block_size: 
     t0 = time.perf_counter()
     for _ in range(n):
         for layer in range(c.num_layers):
-            attention_kv(q, kv, cache[layer], batch.attn, runner.scale, runner.attention_impl, out=out)
+            attention_kv(q, kv, cache[layer], batch.attn, runner.scale, runner.attention_impl, out=out,
+                         threads=runner.intra_op_num_threads)
     attn_s = (time.perf_counter() - t0) / n
     print(f"batch {batch_size} at context {context}: step {step_s * 1e3:.1f} ms ({batch_size / step_s:.0f} tok/s) = "
           f"ORT {ort_s * 1e3:.1f} + attention {attn_s * 1e3:.1f} + glue {(step_s - ort_s - attn_s) * 1e3:.1f} ms")

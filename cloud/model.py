@@ -30,7 +30,7 @@ from cloud.parallel import (
     get_tp_rank,
     get_tp_size,
 )
-from kernels.attention import AttentionMetadata, attention
+from kernels.attention import AttentionMetadata, attention, resolve_impl
 from kernels.checkpoints import Checkpoint, ModelConfig
 from kernels.model import RMSNorm, rope_cos_sin, rope_inv_freq, rotate_half
 
@@ -173,6 +173,8 @@ class TPTransformerModel(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         else:
             model.lm_head.load(checkpoint, "lm_head")
+        if torch.device(device).type == "cpu" and attention_impl in ("auto", "native"):
+            resolve_impl(attention_impl, torch.empty(0))  # build or load the native CPU op now, not mid-request
         return model.eval()
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 
 from edge.builder import BuildOptions, OnnxModel, Quant, Source, build_onnx_model
-from kernels.attention import IMPLS, attention_kv
+from kernels.attention import IMPLS, attention_kv, resolve_impl
 from kernels.checkpoints import Checkpoint, ModelConfig
 from kernels.runner import ModelInput
 
@@ -102,6 +102,9 @@ class OnnxRunner:
         self.model: OnnxModel = build_onnx_model(checkpoint, options, cache_root=cache_root, force=force_build)
         self.config: ModelConfig = self.model.config
         self.attention_impl = attention_impl
+        if self.device.type == "cpu" and attention_impl in ("auto", "native"):
+            # Build (once per machine) or load the native decode-attention op now, not in the first request.
+            resolve_impl(attention_impl, torch.empty(0))
         # torch's intra-op threads while the step runs on CPU. Attention at edge batch sizes is a chain of tiny
         # ops; handing each to a second thread costs more than it saves (10x slower on a loaded 2-core box).
         self.attention_threads = attention_threads if self.device.type == "cpu" else None
@@ -164,9 +167,10 @@ class OnnxRunner:
         kv = step.kv.view(2, num_tokens, c.num_kv_heads, c.head_dim)
         attn_out = step.attn.view(num_tokens, c.num_heads, c.head_dim)
         run, opts, meta, scale, impl = step.runs, self._run_options, batch.attn, self.scale, self.attention_impl
+        threads = self.intra_op_num_threads  # the native decode op may use ORT's cores while ORT waits
         run[0](opts)
         for layer in range(c.num_layers):
-            attention_kv(q, kv, kv_cache[layer], meta, scale, impl, out=attn_out)
+            attention_kv(q, kv, kv_cache[layer], meta, scale, impl, out=attn_out, threads=threads)
             if layer == c.num_layers - 1 and num_sampled == 0:
                 break  # nothing to sample (a middle prefill chunk): the cache is written, skip the head
             run[layer + 1](opts)

@@ -387,14 +387,20 @@ def test_decode_rejects_prefill_batch_and_bad_shapes(impl):
 
 def test_resolve_impl(monkeypatch):
     q = torch.zeros(1, 1, 16)
-    assert attn.resolve_impl("auto", q) == "torch"  # CPU tensors
+    assert attn.resolve_impl("auto", q) == "native"  # CPU tensors, and the C++ op builds on our machines
     assert attn.resolve_impl("torch", q) == "torch"
+    assert attn.resolve_impl("native", q) == "native"
     assert attn.resolve_impl("triton", q) == "triton"  # the tests run under TRITON_INTERPRET=1
     with pytest.raises(ValueError, match="impl must be one of"):
         attn.resolve_impl("cuda", q)
     monkeypatch.setattr(attn, "TRITON_INTERPRETED", False)
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
         attn.resolve_impl("triton", q)
+    monkeypatch.setattr(attn.native, "_module", None)  # as if HYBRID_GATEWAY_NATIVE=0 had been set
+    monkeypatch.setattr(attn.native, "_error", "disabled by HYBRID_GATEWAY_NATIVE=0")
+    assert attn.resolve_impl("auto", q) == "torch"
+    with pytest.raises(ValueError, match="impl='native' but the native CPU attention op is unavailable: disabled"):
+        attn.resolve_impl("native", q)
 
 
 def test_all_is_sorted_and_complete():

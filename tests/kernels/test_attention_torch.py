@@ -91,7 +91,8 @@ def _packed_case(query_lens, context_lens, heads, block_size, dtype, seed, skip_
     ([1], [0]),
 ])
 @pytest.mark.parametrize("skip", [False, True])
-def test_attention_kv_matches_reference_on_every_layer(dtype, heads, block_size, case, skip):
+@pytest.mark.parametrize("impl", ["torch", "native"])
+def test_attention_kv_matches_reference_on_every_layer(dtype, heads, block_size, case, skip, impl):
     """attention_kv (packed K/V, per-step plans shared by the layers) = write_kv_ref + paged_*_ref, layer by layer."""
     from kernels.attention import attention_kv, write_kv_ref
 
@@ -105,7 +106,7 @@ def test_attention_kv_matches_reference_on_every_layer(dtype, heads, block_size,
         ref_k, ref_v = expected_cache[layer, 0], expected_cache[layer, 1]
         write_kv_ref(kv[layer, 0], kv[layer, 1], ref_k, ref_v, meta.slot_mapping)
         ref = (paged_decode_ref if meta.is_decode else paged_prefill_ref)(q, ref_k, ref_v, meta, 0.125)
-        got = attention_kv(q, kv[layer], layers[layer], meta, 0.125, impl="torch", out=out)
+        got = attention_kv(q, kv[layer], layers[layer], meta, 0.125, impl=impl, out=out)
         assert got is out
         torch.testing.assert_close(out, ref, **tol, msg=f"layer {layer}: attention_kv vs reference")
         torch.testing.assert_close(layers[layer], expected_cache[layer], rtol=0, atol=0)
