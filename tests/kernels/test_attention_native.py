@@ -68,6 +68,45 @@ def test_writing_the_new_rows_first_equals_write_then_decode(portable, skip):
     torch.testing.assert_close(out, want, **tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_worker_threads_give_bit_identical_results(portable):
+    """Large steps are shared with worker threads; every (sequence, KV head) item is computed the same way."""
+    q, cache, _, meta = _case([1000, 37, 512, 1, 700], 8, 2, 64, 16, seed=11)
+    module = native.load()
+    outs = []
+    for threads in (1, 2, 4, 1, 3):  # a bigger pool after a smaller one, then back to one thread
+        out = torch.full_like(q, float("nan"))
+        module.paged_decode_cpu(q, cache[0], cache[1], meta.block_tables, meta.seq_lens, 0.125, out,
+                                portable=portable, threads=threads)
+        outs.append(out)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    torch.testing.assert_close(outs[0], paged_decode_ref(q, cache[0], cache[1], meta, 0.125),
+                               **tolerance(torch.float32))
+    with pytest.raises(RuntimeError, match="threads must be in"):
+        module.paged_decode_cpu(q, cache[0], cache[1], meta.block_tables, meta.seq_lens, 0.125, outs[0], threads=0)
+
+
+def test_concurrent_callers_share_the_pool_safely():
+    """Two engines in one process: the op releases the GIL, one caller gets the workers, the other works alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [_case([900, 300, 64], 8, 2, 64, 16, seed=s) for s in range(4)]
+    want = [paged_decode_ref(q, c[0], c[1], m, 0.125) for q, c, _, m in cases]
+
+    def run(i):
+        q, cache, _, meta = cases[i % 4]
+        out = torch.empty_like(q)
+        for _ in range(20):
+            native.paged_decode(q, cache[0], cache[1], meta.block_tables, meta.seq_lens, 0.125, out, threads=2)
+        return out
+
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(run, range(8)))
+    for i, out in enumerate(outs):
+        torch.testing.assert_close(out, want[i % 4], **tolerance(torch.float32))
+
+
 def test_long_sequence_and_extreme_scores_stay_finite():
     q, cache, _, meta = _case([4096, 2], 8, 2, 64, 32, seed=1)
     q *= 30  # scores in the hundreds: the softmax must subtract its max

@@ -307,6 +307,9 @@ class Pool {
     wake_.notify_all();
     drain();
     std::unique_lock<std::mutex> lock(mu_);
+    // Workers that have not woken up yet are not waited for: every item is taken, so their slots are void.
+    busy_ -= wanted_;
+    wanted_ = 0;
     done_.wait(lock, [this] { return busy_ == 0; });
     fn_ = nullptr;
     return true;
@@ -355,7 +358,7 @@ Pool& pool_for(int workers) {
 }
 
 // Below this much K/V (floats read per call), waking a worker costs more than it saves.
-constexpr int64_t kParallelMinFloats = 64 * 1024;
+constexpr int64_t kParallelMinFloats = 192 * 1024;
 
 template <typename DimT, bool kVector>
 void decode(const Args& a, int threads) {
@@ -478,6 +481,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_cpu", &paged_decode_cpu, "Paged decode attention, float32 CPU (optionally writing new K/V first)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("scale"), py::arg("out"), py::arg("k_new") = py::none(), py::arg("v_new") = py::none(),
-        py::arg("slot_mapping") = py::none(), py::arg("portable") = false, py::arg("threads") = 1);
+        py::arg("slot_mapping") = py::none(), py::arg("portable") = false, py::arg("threads") = 1,
+        py::call_guard<py::gil_scoped_release>());  // other Python threads (the event loop) run meanwhile
   m.def("has_avx2", [] { return kHaveAvx2; }, "Whether the build has the AVX2/FMA loops");
 }
