@@ -175,6 +175,13 @@ def attention_kv(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta
     (``"auto"`` on CPU) a float32 decode layer is one C++ call that writes the new rows and attends, on up to
     ``threads`` cores (default ``torch.get_num_threads()``) when the step reads enough K/V to be worth it.
     """
+    fast = meta.derived.get("attention_kv_native_call")
+    if (fast is not None and fast[0] is q and fast[1] is kv and fast[2] is out and fast[3] == (impl, threads, scale)
+            and fast[4] == (kv_cache.shape, kv_cache.dtype)):
+        # Another layer of a native decode step with the same step buffers: everything is checked and bound.
+        k_cache, v_cache = kv_cache.unbind(0)
+        fast[5](q, k_cache, v_cache, *fast[6])
+        return fast[7]
     resolved = resolve_impl(impl, q)
     if resolved == "triton":
         if kv.ndim != 4 or kv.shape[0] != 2 or kv_cache.ndim != 5 or kv_cache.shape[0] != 2:
@@ -197,6 +204,12 @@ def attention_kv(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta
         target = out if out is not None and out.is_contiguous() and out.dtype == q.dtype else torch.empty_like(q)
         native.paged_decode(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, scale, target,
                             new_kv=(kv[0], kv[1], meta.slot_mapping), threads=threads)
+        if target is out:  # runners pass the same q / kv / out every layer: bind the call for the next ones
+            args = (meta.block_tables, meta.seq_lens, scale, out, kv[0], kv[1], meta.slot_mapping, False,
+                    torch.get_num_threads() if threads is None else threads)
+            meta.derived["attention_kv_native_call"] = (q, kv, out, (impl, threads, scale),
+                                                       (kv_cache.shape, kv_cache.dtype),
+                                                       native.load().paged_decode_cpu, args, out)
         return target if out is None or target is out else out.copy_(target)
     write_kv_packed_torch(kv, kv_cache, meta)
     if meta.is_decode:

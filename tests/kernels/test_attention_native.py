@@ -129,6 +129,30 @@ def test_the_public_ops_use_it_and_agree_with_the_torch_path():
                                paged_decode_ref(q.half(), half[0], half[1], meta, 0.1), **tolerance(torch.float16))
 
 
+def test_attention_kv_binds_the_call_for_the_layers_of_a_step():
+    """A runner reuses one q / kv / out buffer for every layer (new values each time): after the first layer
+    attention_kv calls the op straight away; every layer still matches the reference, and a cache of another
+    shape goes through the checks again."""
+    from kernels.attention import attention_kv
+
+    q, cache, new, meta = _case([5, 16, 33, 100], 9, 3, 64, 4, seed=5)
+    g = torch.Generator().manual_seed(9)
+    layers = torch.stack([cache] + [torch.randn(cache.shape, generator=g) for _ in range(3)])
+    expected = layers.clone()
+    kv, out = torch.empty_like(new), torch.empty_like(q)
+    for layer in range(layers.shape[0]):
+        kv.copy_(torch.randn(new.shape, generator=g))
+        q.copy_(torch.randn(q.shape, generator=g))
+        write_kv_ref(kv[0], kv[1], expected[layer, 0], expected[layer, 1], meta.slot_mapping)
+        want = paged_decode_ref(q, expected[layer, 0], expected[layer, 1], meta, 0.125)
+        assert attention_kv(q, kv, layers[layer], meta, 0.125, "auto", out=out, threads=2) is out
+        torch.testing.assert_close(out, want, **tolerance(torch.float32))
+        assert "attention_kv_native_call" in meta.derived
+    assert torch.equal(layers, expected)
+    with pytest.raises(ValueError, match="the cache holds"):
+        attention_kv(q, kv, layers[0, :, :-1, :, :1], meta, 0.125, "auto", out=out, threads=2)
+
+
 def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     q, cache, new, meta = _case([5, 20], 4, 2, 64, 16, seed=2)
     module = native.load()
