@@ -80,8 +80,8 @@ __all__ = [
 def resolve_impl(impl: str, q: torch.Tensor) -> Literal["triton", "torch", "native"]:
     """Turn ``impl`` into the implementation that will run on ``q``'s device, or raise ``ValueError``.
 
-    On CPU, ``"auto"`` is ``"native"`` when the C++ op builds (the first call may build it: ~30 s once per
-    machine; engines call :func:`kernels.attention.native.load` at start-up instead), else ``"torch"``.
+    On CPU, ``"auto"`` is ``"native"`` when the C++ op builds (the first call may build it: ~25 s once per
+    machine; the engines resolve their impl at construction so no request waits), else ``"torch"``.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
