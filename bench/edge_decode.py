@@ -1,10 +1,12 @@
 """Batch-1 greedy decode speed of the edge runner (ONNX Runtime dense parts + kernels attention).
 
     python bench/edge_decode.py --quant int4 --new-tokens 64 --threads 2 [--global-pool] [--batches 1,16,64]
+        [--layout auto|fused|split]
 
 Prints prefill time, decode tok/s and a per-step breakdown of a decode step: time inside ONNX Runtime
 (sessions replayed alone on the same bound buffers), time inside ``kernels.attention`` (the layer calls
-replayed alone), and the Python glue that remains.
+replayed alone; with the fused layout attention is inside the one ONNX Runtime call), and the Python glue
+that remains.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="", help="also time decode steps of these batch sizes, e.g. 1,16,64 "
                                                       "(every sequence at --context tokens)")
     parser.add_argument("--context", type=int, default=100)
+    parser.add_argument("--layout", default="auto", choices=("auto", "fused", "split"))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
@@ -44,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = load_checkpoint(resolve_model(args.model))
     t0 = time.perf_counter()
     runner = OnnxRunner(ckpt, args.quant, accuracy_level=args.accuracy_level, source=args.source,
-                        intra_op_num_threads=args.threads)
+                        intra_op_num_threads=args.threads, layout=args.layout)
     print(f"load/build: {time.perf_counter() - t0:.2f}s (reused cache: {runner.model.reused}), "
-          f"threads={runner.intra_op_num_threads}, dir={runner.model.directory}")
+          f"threads={runner.intra_op_num_threads}, layout={runner.layout}, dir={runner.model.directory}")
     tok = Tokenizer.from_checkpoint(ckpt)
     prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     cfg, bs = runner.config, 16
@@ -86,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             run(runner._run_options)
     ort_s = (time.perf_counter() - t0) / n
     c = cfg
+    if runner.layout == "fused":
+        print(f"decode step {step_s * 1e3:.2f} ms = ORT with attention inside {ort_s * 1e3:.2f} ms (1 session) + "
+              f"glue {(step_s - ort_s) * 1e3:.2f} ms")
+        for size in (int(b) for b in args.batches.split(",") if b):
+            batched_step(runner, size, args.context)
+        return 0
     q = step.q.view(1, c.num_heads, c.head_dim)
     kv = step.kv.view(2, 1, c.num_kv_heads, c.head_dim)
     out = step.attn.view(1, c.num_heads, c.head_dim)
@@ -129,6 +138,10 @@ def batched_step(runner: OnnxRunner, batch_size: int, context: int, block_size: 
         for run in step.runs:
             run(runner._run_options)
     ort_s = (time.perf_counter() - t0) / n
+    if runner.layout == "fused":
+        print(f"batch {batch_size} at context {context}: step {step_s * 1e3:.1f} ms ({batch_size / step_s:.0f} tok/s)"
+              f" = ORT with attention {ort_s * 1e3:.1f} + glue {(step_s - ort_s) * 1e3:.1f} ms")
+        return
     q = step.q.view(batch_size, c.num_heads, c.head_dim)
     kv = step.kv.view(2, batch_size, c.num_kv_heads, c.head_dim)
     out = step.attn.view(batch_size, c.num_heads, c.head_dim)

@@ -1,8 +1,19 @@
 """ONNX graphs for the dense parts of a Llama / Qwen2 decoder, built straight from checkpoint weights.
 
-No torch export: every node is written with ``onnx.helper``. Attention is *not* in the graphs; it runs
-between them through ``kernels.attention`` on the shared paged KV cache. One step therefore runs
-``num_layers + 1`` graphs, each ending where a layer's attention begins::
+No torch export: every node is written with ``onnx.helper``. Attention always runs the shared
+``kernels/`` code on the shared paged KV cache; the two layouts differ in where it is called from.
+
+``layout="fused"`` (CPU): one graph, ``model.onnx``, for the whole step. Each layer's attention is a
+``hybrid_gateway::PagedAttention`` node (:mod:`edge.ortop`: RoPE, the cache write and attention in C++ on the
+``kv_cache`` input, which the runner binds to the engine's cache tensor)::
+
+    input_ids, positions, logits_indices, kv_cache, block_tables, seq_lens, cu_seqlens_q, slot_mapping
+      -> embed -> RMSNorm -> [QKV -> PagedAttention(layer i) -> o_proj + residual -> RMSNorm -> MLP + residual
+      -> RMSNorm] x L (the last layer's MLP on the sampled rows only) -> LM head -> logits [num_sampled, vocab]
+
+``layout="split"`` (any device; the CUDA path): attention is *not* in the graphs; it runs between them
+through ``kernels.attention``. One step runs ``num_layers + 1`` graphs, each ending where a layer's
+attention begins::
 
     pre          input_ids, positions -> embed -> RMSNorm(layer 0) -> QKV -> RoPE -> q, k, v, residual, cos, sin
     layer_i      attn_i, residual, cos, sin -> o_proj(i) + residual -> RMSNorm -> SwiGLU MLP(i) + residual
@@ -22,8 +33,9 @@ quantized (or repacked).
 
 Built models are cached on disk, keyed by checkpoint fingerprint, options and :data:`GRAPH_VERSION`::
 
-    <cache root>/onnx/<fingerprint[:16]>-<quant>[-bs<block_size>-acc<accuracy_level>-<source>]-g<GRAPH_VERSION>/
+    <cache root>/onnx/<fingerprint[:16]>-<quant>[-bs<block_size>-acc<accuracy_level>-<source>]-g<GRAPH_VERSION>[-fused]/
         manifest.json   pre.onnx  pre.onnx.data  layer_000.onnx  layer_000.onnx.data ...  final.onnx  final.onnx.data
+        (fused: manifest.json  model.onnx  model.onnx.data)
 
 where ``<cache root>`` is the parent of ``kernels.checkpoints.store.cache_dir()`` (``$HYBRID_GATEWAY_CACHE``
 when set). A build is written to a temporary directory and renamed into place, so an entry is complete or
@@ -59,12 +71,15 @@ OPSET = 23  # RotaryEmbedding
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would default to 14
 QUANTS = ("int4", "int8", "fp32")
 SOURCES = ("auto", "fast", "requantize")
+LAYOUTS = ("split", "fused")
+ATTENTION_DOMAIN = "hybrid_gateway"  # edge/csrc/ort_paged_attention.cpp (edge.ortop)
 _BITS = {"int4": 4, "int8": 8}
 DEFAULT_ACCURACY_LEVEL = {"int4": 4, "int8": 0, "fp32": 0}
 MANIFEST = "manifest.json"
 
 Quant = Literal["int4", "int8", "fp32"]
 Source = Literal["auto", "fast", "requantize"]
+Layout = Literal["split", "fused"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,14 +101,22 @@ class BuildOptions:
     at the price of a second rounding (each block's offset moves by at most half a step).
     ``"requantize"``: every matrix is re-quantized (the GRAPH_VERSION 1 behaviour). Ignored for fp32.
 
+    ``layout`` is how a step is cut into graphs. ``"split"``: ``num_layers + 1`` graphs, attention runs
+    between them in Python through ``kernels.attention`` (any device). ``"fused"``: one graph for the whole
+    step, each layer's attention a ``hybrid_gateway::PagedAttention`` node (RoPE, the cache write and
+    attention on the shared paged cache, :mod:`edge.ortop`; CPU only).
+
     >>> BuildOptions(quant="int8").key("0123456789abcdef0123")
     '0123456789abcdef-int8-bs32-acc0-auto-g2'
+    >>> BuildOptions(layout="fused").key("0123456789abcdef0123")
+    '0123456789abcdef-int4-bs32-acc4-auto-g2-fused'
     """
 
     quant: Quant = "int4"
     block_size: int = 32
     accuracy_level: int | None = None
     source: Source = "auto"
+    layout: Layout = "split"
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -106,16 +129,19 @@ class BuildOptions:
             raise ValueError(f"accuracy_level must be one of 0..4, got {self.accuracy_level!r}")
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
 
     @property
     def bits(self) -> int | None:
         return _BITS.get(self.quant)
 
     def key(self, fingerprint: str) -> str:
+        suffix = "-fused" if self.layout == "fused" else ""
         if self.quant == "fp32":
-            return f"{fingerprint[:16]}-fp32-g{GRAPH_VERSION}"
+            return f"{fingerprint[:16]}-fp32-g{GRAPH_VERSION}{suffix}"
         return (f"{fingerprint[:16]}-{self.quant}-bs{self.block_size}-acc{self.accuracy_level}-{self.source}"
-                f"-g{GRAPH_VERSION}")
+                f"-g{GRAPH_VERSION}{suffix}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +165,9 @@ def onnx_cache_root() -> Path:
     return cache_dir().parent / "onnx"
 
 
-def graph_names(num_layers: int) -> tuple[str, ...]:
+def graph_names(num_layers: int, layout: Layout = "split") -> tuple[str, ...]:
+    if layout == "fused":
+        return ("model.onnx",)
     return ("pre.onnx", *(f"layer_{i:03d}.onnx" for i in range(num_layers - 1)), "final.onnx")
 
 
@@ -160,7 +188,7 @@ def build_onnx_model(checkpoint: Checkpoint | str | os.PathLike[str], options: B
     fingerprint = ckpt.fingerprint
     root = Path(cache_root) if cache_root is not None else onnx_cache_root()
     target = root / options.key(fingerprint)
-    names = graph_names(config.num_layers)
+    names = graph_names(config.num_layers, options.layout)
     if not force and _is_complete(target, fingerprint, names):
         return OnnxModel(target, config, options, fingerprint, reused=True, graphs=names)
 
@@ -202,7 +230,7 @@ def _write_graphs(ckpt: Checkpoint, options: BuildOptions, out: Path, console: C
     (``"repacked Q4_1"``, ``"requantized"``, ``"float"``)."""
     config = ckpt.config
     weights = _WeightReader(ckpt, options)
-    names = graph_names(config.num_layers)
+    names = graph_names(config.num_layers, options.layout)
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -210,7 +238,9 @@ def _write_graphs(ckpt: Checkpoint, options: BuildOptions, out: Path, console: C
         for index, name in enumerate(names):
             progress.update(task, description=f"Building {name} ({options.quant})")
             g = _Graph(name.removesuffix(".onnx"), config, options)
-            if index == 0:
+            if options.layout == "fused":
+                g.build_fused(weights, progress, task)
+            elif index == 0:
                 g.build_pre(weights)
             elif name == "final.onnx":
                 g.build_final(weights, config.num_layers - 1)
@@ -304,9 +334,11 @@ class _Graph:
 
     def save(self, path: Path) -> None:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+        if any(n.domain == ATTENTION_DOMAIN for n in self.nodes):
+            opsets.append(helper.make_opsetid(ATTENTION_DOMAIN, 1))
         model = helper.make_model(graph, ir_version=IR_VERSION, producer_name="hybrid-gateway.edge",
-                                  opset_imports=[helper.make_opsetid("", OPSET),
-                                                 helper.make_opsetid("com.microsoft", 1)])
+                                  opset_imports=opsets)
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
 
@@ -383,22 +415,65 @@ class _Graph:
         return self.add_rms_norm(down, res, next_norm, next_prefix)
 
     # -- the three graph kinds ------------------------------------------------------------------------------
+    def rope_rows(self, positions: str) -> tuple[str, str]:
+        """cos/sin rows [T, head_dim / 2] at ``positions``, gathered from tables [max_positions, head_dim / 2]
+        computed with the same float32 math as ``TransformerModel.rope``."""
+        c = self.config
+        inv_freq = rope_inv_freq(c)
+        freqs = torch.arange(c.max_position_embeddings).float().unsqueeze(-1) * inv_freq.unsqueeze(0)
+        return tuple(self.node("Gather", [self.init(f"{fn}_table", table.numpy()), positions], [f"{fn}_rows"])[0]
+                     for fn, table in (("cos", freqs.cos()), ("sin", freqs.sin())))
+
     def build_pre(self, w: _WeightReader) -> None:
         c = self.config
         ids = self.input("input_ids", TensorProto.INT64, ["T"])
         positions = self.input("positions", TensorProto.INT64, ["T"])
         x = self.node("Gather", [self.init("embed_tokens", w.get("model.embed_tokens.weight")), ids], ["residual"])[0]
         self.output("residual", TensorProto.FLOAT, ["T", c.hidden_size])
-        # cos/sin tables [max_positions, head_dim / 2], the same float32 math as TransformerModel.rope.
-        inv_freq = rope_inv_freq(c)
-        freqs = torch.arange(c.max_position_embeddings).float().unsqueeze(-1) * inv_freq.unsqueeze(0)
         axes = self.init("axes0", np.array([0]))
-        for fn, table in (("cos", freqs.cos()), ("sin", freqs.sin())):
-            rows = self.node("Gather", [self.init(f"{fn}_table", table.numpy()), positions], [f"{fn}_rows"])[0]
+        for fn, rows in zip(("cos", "sin"), self.rope_rows(positions)):
             self.node("Unsqueeze", [rows, axes], [fn])  # [1, T, head_dim / 2]
             self.output(fn, TensorProto.FLOAT, [1, "T", c.head_dim // 2])
         h = self.rms_norm(x, w.get("model.layers.0.input_layernorm.weight"), "l0_input_norm")
         self.qkv_rope(h, w, 0)
+
+    def build_fused(self, w: _WeightReader, progress: Progress, task) -> None:
+        """The whole step in one graph: every layer's attention is a ``hybrid_gateway::PagedAttention`` node that
+        ropes q and k, writes this step's K/V into ``kv_cache`` (a graph input the runner binds to the engine's
+        cache tensor) and attends on the paged cache (``edge/csrc/ort_paged_attention.cpp``)."""
+        c = self.config
+        ids = self.input("input_ids", TensorProto.INT64, ["T"])
+        positions = self.input("positions", TensorProto.INT64, ["T"])
+        idx = self.input("logits_indices", TensorProto.INT64, ["S"])
+        cache = self.input("kv_cache", TensorProto.FLOAT,
+                           [c.num_layers, 2, "num_blocks", "block_size", c.num_kv_heads, c.head_dim])
+        meta = [cache,
+                self.input("block_tables", TensorProto.INT32, ["num_seqs", "max_blocks"]),
+                self.input("seq_lens", TensorProto.INT32, ["num_seqs"]),
+                self.input("cu_seqlens_q", TensorProto.INT32, ["num_seqs_plus_1"]),
+                self.input("slot_mapping", TensorProto.INT64, ["T"])]
+        residual = self.node("Gather", [self.init("embed_tokens", w.get("model.embed_tokens.weight")), ids],
+                             ["embedded"])[0]
+        cos, sin = self.rope_rows(positions)
+        h = self.rms_norm(residual, w.get("model.layers.0.input_layernorm.weight"), "l0_input_norm")
+        for layer in range(c.num_layers):
+            weight, bias = w.qkv(layer)
+            qkv = self.linear(h, weight, f"l{layer}_qkv", bias)
+            attn = self.node("PagedAttention", [qkv, cos, sin, *meta], [f"l{layer}_attn"], domain=ATTENTION_DOMAIN,
+                             layer=layer, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                             scale=float(c.head_dim ** -0.5))[0]
+            if layer < c.num_layers - 1:
+                next_norm = w.get(f"model.layers.{layer + 1}.input_layernorm.weight")
+                h, residual = self.attn_out_mlp(attn, residual, w, layer, next_norm, f"l{layer + 1}_input_norm")
+            else:  # only the sampled rows need the last MLP, the final norm and the LM head
+                attn_s = self.node("Gather", [attn, idx], ["attn_rows"], axis=0)[0]
+                res_s = self.node("Gather", [residual, idx], ["residual_rows"], axis=0)[0]
+                h, _ = self.attn_out_mlp(attn_s, res_s, w, layer, w.get("model.norm.weight"), "final_norm")
+            progress.update(task, description=f"Building model.onnx, layer {layer + 1}/{c.num_layers} "
+                                              f"({self.options.quant})")
+        logits = self.linear(h, w.lm_head(), "lm_head")
+        self.node("Identity", [logits], ["logits"])
+        self.output("logits", TensorProto.FLOAT, ["S", c.vocab_size])
 
     def _attn_inputs(self) -> tuple[str, str]:
         attn = self.input("attn", TensorProto.FLOAT, ["T", self.q_size])

@@ -1,11 +1,18 @@
-"""The edge model runner: ONNX Runtime for the dense parts, ``kernels.attention`` in between.
+"""The edge model runner: ONNX Runtime for the dense parts, ``kernels`` attention on the shared paged KV cache.
 
-One step runs ``num_layers + 1`` ONNX Runtime sessions (see :mod:`edge.builder` for the graph split)
-and ``num_layers`` attention calls on the shared paged KV cache. Per-step overhead is kept low by
-binding every session's inputs and outputs once to preallocated torch buffers (IOBinding over the
-tensors' memory, no copies through numpy): a step then only copies the batch's ids into the bound
-buffers and calls ``run_with_iobinding`` per session. Buffers and bindings are cached per
-``(num_tokens, num_sampled)``, so decode steps of one batch size reuse the same ones.
+Two layouts (:class:`edge.builder.BuildOptions`):
+
+* ``"fused"`` (the default on CPU when the custom op builds, :mod:`edge.ortop`): one graph, one ONNX Runtime
+  call per step. Each layer's attention is a ``hybrid_gateway::PagedAttention`` node running the shared C++
+  attention core of ``kernels/attention/csrc`` on the engine's KV cache tensor, bound as a graph input.
+* ``"split"`` (CUDA, or no C++ compiler): ``num_layers + 1`` sessions with ``kernels.attention`` called
+  between them from Python.
+
+Per-step overhead is kept low by binding every session's inputs and outputs once to preallocated torch
+buffers (IOBinding over the tensors' memory, no copies through numpy): a step then only copies the
+batch's ids into the bound buffers (and, fused, binds this step's block tables) and calls
+``run_with_iobinding``. Buffers and bindings are cached per ``(num_tokens, num_sampled)``, so decode steps
+of one batch size reuse the same ones.
 
 On CUDA the sessions use the CUDA provider on torch's current stream, the buffers are CUDA tensors and
 nothing is copied to the host (untested here: no GPU on the development machines).
@@ -23,13 +30,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edge.builder import BuildOptions, OnnxModel, Quant, Source, build_onnx_model
+from edge import ortop
+from edge.builder import LAYOUTS, BuildOptions, OnnxModel, Quant, Source, build_onnx_model
 from kernels.attention import IMPLS, attention_kv, resolve_impl
 from kernels.checkpoints import Checkpoint, ModelConfig
 from kernels.runner import ModelInput
 
 _MAX_CACHED_SHAPES = 8
-_NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
+_NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
 
 
 def physical_cores() -> int:
@@ -86,7 +94,7 @@ class OnnxRunner:
     def __init__(self, checkpoint: Checkpoint | str | os.PathLike[str], quant: Quant = "int4", *,
                  block_size: int = 32, accuracy_level: int | None = None, source: Source = "auto",
                  intra_op_num_threads: int | None = None, providers: Sequence[str] | None = None,
-                 attention_impl: str = "auto",
+                 attention_impl: str = "auto", layout: str = "auto",
                  attention_threads: int | None = 1, cache_root: Path | None = None,
                  force_build: bool = False) -> None:
         if attention_impl not in IMPLS:
@@ -95,14 +103,18 @@ class OnnxRunner:
             raise ValueError(f"intra_op_num_threads must be a positive int or None, got {intra_op_num_threads!r}")
         if attention_threads is not None and (not isinstance(attention_threads, int) or attention_threads < 1):
             raise ValueError(f"attention_threads must be a positive int or None, got {attention_threads!r}")
-        options = BuildOptions(quant=quant, block_size=block_size, accuracy_level=accuracy_level, source=source)
+        if layout not in ("auto", *LAYOUTS):
+            raise ValueError(f"layout must be one of {('auto', *LAYOUTS)}, got {layout!r}")
         self.providers = _resolve_providers(providers)
         on_cuda = self.providers[0] == "CUDAExecutionProvider"
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+        self.layout = self._resolve_layout(layout, attention_impl)
+        options = BuildOptions(quant=quant, block_size=block_size, accuracy_level=accuracy_level, source=source,
+                               layout=self.layout)
         self.model: OnnxModel = build_onnx_model(checkpoint, options, cache_root=cache_root, force=force_build)
         self.config: ModelConfig = self.model.config
         self.attention_impl = attention_impl
-        if self.device.type == "cpu" and attention_impl in ("auto", "native"):
+        if self.layout == "split" and self.device.type == "cpu" and attention_impl in ("auto", "native"):
             # Build (once per machine) or load the native decode-attention op now, not in the first request.
             resolve_impl(attention_impl, torch.empty(0))
         # torch's intra-op threads while the step runs on CPU. Attention at edge batch sizes is a chain of tiny
@@ -118,8 +130,26 @@ class OnnxRunner:
         c = self.config
         self.scale = c.head_dim ** -0.5
 
+    def _resolve_layout(self, layout: str, attention_impl: str) -> str:
+        if layout == "split":
+            return layout
+        if layout == "fused":
+            if self.device.type != "cpu":
+                raise ValueError("layout='fused' runs attention in an ONNX Runtime CPU op; on CUDA use 'split'")
+            if attention_impl not in ("auto", "native"):
+                raise ValueError(f"layout='fused' runs the native attention core; attention_impl={attention_impl!r} "
+                                 f"needs layout='split'")
+            if not ortop.available():
+                raise ValueError(f"layout='fused' but the ONNX Runtime attention op is unavailable: "
+                                 f"{ortop.unavailable_reason()}")
+            return layout
+        fused = self.device.type == "cpu" and attention_impl in ("auto", "native") and ortop.available()
+        return "fused" if fused else "split"
+
     def _session(self, path: Path) -> ort.InferenceSession:
         so = ort.SessionOptions()
+        if self.layout == "fused":
+            so.register_custom_ops_library(str(ortop.library_path()))
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if _global_pool_threads is not None:
@@ -157,6 +187,8 @@ class OnnxRunner:
             torch.set_num_threads(saved)
 
     def _execute(self, batch: ModelInput, kv_cache: torch.Tensor) -> torch.Tensor:
+        if self.layout == "fused":
+            return self._execute_fused(batch, kv_cache)
         c = self.config
         num_tokens, num_sampled = batch.input_ids.shape[0], batch.logits_indices.shape[0]
         step = self._step_buffers(num_tokens, num_sampled)
@@ -175,6 +207,21 @@ class OnnxRunner:
                 break  # nothing to sample (a middle prefill chunk): the cache is written, skip the head
             run[layer + 1](opts)
         return step.logits.clone()
+
+    def _execute_fused(self, batch: ModelInput, kv_cache: torch.Tensor) -> torch.Tensor:
+        num_tokens, num_sampled = batch.input_ids.shape[0], batch.logits_indices.shape[0]
+        # A middle prefill chunk samples nothing, but ORT cannot bind an empty output: sample row 0, drop it.
+        step = self._step_buffers(num_tokens, max(num_sampled, 1))
+        step.input_ids.copy_(batch.input_ids)
+        step.positions.copy_(batch.positions)
+        if num_sampled:
+            step.logits_indices.copy_(batch.logits_indices)
+        else:
+            step.logits_indices.zero_()
+        meta = batch.attn
+        step.bind_step(kv_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, meta.slot_mapping)
+        step.runs[0](self._run_options)
+        return step.logits.clone() if num_sampled else step.logits[:0].clone()
 
     def _check_cache(self, kv_cache: torch.Tensor) -> None:
         c = self.config
@@ -203,6 +250,9 @@ class _StepBuffers:
     """Preallocated activations for one ``(num_tokens, num_sampled)`` and every session's IOBinding over them."""
 
     def __init__(self, runner: OnnxRunner, num_tokens: int, num_sampled: int) -> None:
+        if runner.layout == "fused":
+            self._init_fused(runner, num_tokens, num_sampled)
+            return
         c, dev, f32 = runner.config, runner.device, torch.float32
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
@@ -234,6 +284,35 @@ class _StepBuffers:
         # graph capture on every call, ~45 us each (measured), i.e. ~1.4 ms of a 31-session decode step.
         self.runs = [functools.partial(_run_bound, session._sess, binding._iobinding)
                      for session, binding in zip(sessions, self.bindings)]
+
+
+    def _init_fused(self, runner: OnnxRunner, num_tokens: int, num_sampled: int) -> None:
+        dev = runner.device
+        self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
+        self.logits_indices = torch.zeros(num_sampled, dtype=torch.int64, device=dev)
+        self.logits = torch.empty(num_sampled, runner.config.vocab_size, dtype=torch.float32, device=dev)
+        session = runner.sessions[0]
+        self.binding = _bind(session, {"input_ids": self.input_ids, "positions": self.positions,
+                                       "logits_indices": self.logits_indices}, {"logits": self.logits})
+        self.bindings = [self.binding]
+        self.runs = [functools.partial(_run_bound, session._sess, self.binding._iobinding)]
+        self._bound: dict[str, tuple[int, tuple[int, ...]]] = {}
+
+    def bind_step(self, kv_cache: torch.Tensor, *metadata: torch.Tensor) -> None:
+        """Bind the cache and this step's attention metadata (rebinding only what moved or changed shape)."""
+        names = ("kv_cache", "block_tables", "seq_lens", "cu_seqlens_q", "slot_mapping")
+        if not kv_cache.is_contiguous():
+            raise ValueError("the fused layout writes into kv_cache in place: it must be contiguous")
+        for name, t in zip(names, (kv_cache, *metadata)):
+            if not t.is_contiguous():
+                t = t.contiguous()
+                setattr(self, f"_hold_{name}", t)  # keep the copy alive until the run
+            key = (t.data_ptr(), tuple(t.shape))
+            if self._bound.get(name) != key:
+                self.binding.bind_input(name, t.device.type, t.device.index or 0, _NP_DTYPES[t.dtype],
+                                        list(t.shape), t.data_ptr())
+                self._bound[name] = key
 
 
 def _run_bound(sess, binding, run_options: ort.RunOptions) -> None:

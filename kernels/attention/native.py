@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DISABLE_ENV = "HYBRID_GATEWAY_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode_cpu.cpp"
+HEADER = SOURCE.with_name("paged_attention_cpu.h")  # the arithmetic, shared with edge's ONNX Runtime op
 NAME = "hgw_paged_decode_cpu"
 FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno")
 
@@ -55,7 +56,7 @@ def _cpu_signature() -> str:
 def build_dir() -> Path:
     """Where this machine's build lives: keyed by source, flags, torch version, Python and CPU."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), repr(FLAGS).encode(), torch.__version__.encode(),
+    for part in (SOURCE.read_bytes(), HEADER.read_bytes(), repr(FLAGS).encode(), torch.__version__.encode(),
                  platform.python_version().encode(), _cpu_signature().encode()):
         digest.update(part)
     return cache_dir().parent / "ext" / f"{NAME}-{digest.hexdigest()[:16]}"

@@ -1,7 +1,9 @@
 """OnnxRunner held to the reference model: logits on a varlen batch, cache contents, greedy tokens.
 
 Tiny random Llama (tied head) and Qwen2 (q/k/v biases, untied head) checkpoints are written per test
-module. The real SmolLM2 runs are marked slow.
+module. Both graph layouts are held to it: "split" (attention from Python between sessions, here through
+the torch path) and "fused" (one graph, attention in the ``hybrid_gateway::PagedAttention`` op).
+The real SmolLM2 runs are marked slow.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ def tiny(request, tmp_path_factory):
     return ckpt, reference, tmp_path_factory.mktemp(f"{arch}-onnx")
 
 
+LAYOUTS = ["split", "fused"]
+
+
+def _runner(ckpt, quant: str, root, layout: str, **kwargs) -> OnnxRunner:
+    if layout == "split":
+        return OnnxRunner(ckpt, quant, cache_root=root, attention_impl="torch", layout="split", **kwargs)
+    return OnnxRunner(ckpt, quant, cache_root=root, layout="fused", **kwargs)
+
+
 def _cache(config, num_blocks: int = 16) -> torch.Tensor:
     return KVCacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, num_blocks=num_blocks,
                        block_size=BLOCK_SIZE).allocate()
@@ -67,9 +78,10 @@ def _greedy(runner, prompt: list[int], steps: int) -> list[int]:
     return tokens
 
 
-def test_fp32_matches_reference_on_varlen_batch(tiny) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fp32_matches_reference_on_varlen_batch(tiny, layout) -> None:
     ckpt, reference, root = tiny
-    runner = OnnxRunner(ckpt, "fp32", cache_root=root, attention_impl="torch")
+    runner = _runner(ckpt, "fp32", root, layout)
     ref_cache, cache = _cache(ckpt.config), _cache(ckpt.config)
     for step, batch in enumerate(_varlen_steps(ckpt.config.vocab_size)):
         expected = reference.execute(batch, ref_cache)
@@ -79,20 +91,22 @@ def test_fp32_matches_reference_on_varlen_batch(tiny) -> None:
         torch.testing.assert_close(cache, ref_cache, **tolerance(torch.float32), msg=f"kv cache, step {step}")
 
 
-def test_fp32_greedy_tokens_match_reference(tiny) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fp32_greedy_tokens_match_reference(tiny, layout) -> None:
     ckpt, reference, root = tiny
-    runner = OnnxRunner(ckpt, "fp32", cache_root=root, attention_impl="torch")
+    runner = _runner(ckpt, "fp32", root, layout)
     prompt = [5, 17, 99, 3, 250, 42]
     assert _greedy(runner, prompt, 16) == _greedy(reference, prompt, 16)
 
 
 @pytest.mark.parametrize("quant, bits", [("int8", 8), ("int4", 4)])
-def test_quantized_graphs_equal_reference_on_dequantized_weights(tiny, quant: str, bits: int) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_quantized_graphs_equal_reference_on_dequantized_weights(tiny, quant: str, bits: int, layout: str) -> None:
     """With float compute (accuracy_level 0) the int8/int4 graphs differ from the reference model only by
     the weight quantization: loaded with the same dequantized weights, the two agree to fp32 tolerance."""
     ckpt, _, root = tiny
     reference = ReferenceRunner(_dequantized_model(ckpt, bits))
-    runner = OnnxRunner(ckpt, quant, accuracy_level=0, cache_root=root, attention_impl="torch")
+    runner = _runner(ckpt, quant, root, layout, accuracy_level=0)
     ref_cache, cache = _cache(ckpt.config), _cache(ckpt.config)
     for step, batch in enumerate(_varlen_steps(ckpt.config.vocab_size)):
         torch.testing.assert_close(runner.execute(batch, cache), reference.execute(batch, ref_cache),
@@ -115,12 +129,13 @@ def _dequantized_model(ckpt, bits: int) -> TransformerModel:
     return model
 
 
-def test_int8_greedy_tokens_match_reference(tiny) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_greedy_tokens_match_reference(tiny, layout) -> None:
     """int8 (default accuracy_level 0) picks the reference's greedy tokens. A random tiny model has near
     ties; a divergence is accepted only where the reference's top-2 logit margin is below int8's logit
     error (measured max ~0.11), and every token before it must match."""
     ckpt, reference, root = tiny
-    runner = OnnxRunner(ckpt, "int8", cache_root=root, attention_impl="torch")
+    runner = _runner(ckpt, "int8", root, layout)
     exact = 0
     for prompt in ([5, 17, 99, 3, 250, 42], [1, 2, 3], [7, 7, 7, 100, 200]):
         expected, got = _greedy(reference, prompt, 16), _greedy(runner, prompt, 16)
@@ -142,9 +157,10 @@ def _reference_margins(reference, prompt: list[int], continuation: list[int]) ->
     return (top2[:, 0] - top2[:, 1]).tolist()
 
 
-def test_int4_logits_within_bound(tiny) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int4_logits_within_bound(tiny, layout) -> None:
     ckpt, reference, root = tiny
-    runner = OnnxRunner(ckpt, "int4", cache_root=root, attention_impl="torch")
+    runner = _runner(ckpt, "int4", root, layout)
     ref_cache, cache = _cache(ckpt.config), _cache(ckpt.config)
     for batch in _varlen_steps(ckpt.config.vocab_size):
         expected = reference.execute(batch, ref_cache)
@@ -152,9 +168,10 @@ def test_int4_logits_within_bound(tiny) -> None:
         assert (got - expected).abs().max().item() <= INT4_MAX_ABS_DIFF * expected.std().item()
 
 
-def test_no_sampled_rows_still_fills_cache(tiny) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_sampled_rows_still_fills_cache(tiny, layout) -> None:
     ckpt, reference, root = tiny
-    runner = OnnxRunner(ckpt, "fp32", cache_root=root, attention_impl="torch")
+    runner = _runner(ckpt, "fp32", root, layout)
     batch = ModelInput.build([[4, 8, 15, 16, 23]], [0], [[2]], [False], BLOCK_SIZE)  # a middle prefill chunk
     ref_cache, cache = _cache(ckpt.config), _cache(ckpt.config)
     reference.execute(batch, ref_cache)
@@ -163,17 +180,79 @@ def test_no_sampled_rows_still_fills_cache(tiny) -> None:
     torch.testing.assert_close(cache, ref_cache, **tolerance(torch.float32))
 
 
-def test_gguf_checkpoint_fp32_matches_reference(tmp_path) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gguf_checkpoint_fp32_matches_reference(tmp_path, layout) -> None:
     config = factory.tiny_config("llama")
     path = factory.write_gguf_checkpoint(tmp_path / "m.gguf", config, factory.random_state_dict(config, seed=2),
                                          tensor_type="Q4_1")
     ckpt = load_checkpoint(path)
     reference = ReferenceRunner(TransformerModel.from_checkpoint(ckpt, attention_impl="torch"))
-    runner = OnnxRunner(ckpt, "fp32", cache_root=tmp_path / "onnx", attention_impl="torch")
+    runner = _runner(ckpt, "fp32", tmp_path / "onnx", layout)
     ref_cache, cache = _cache(config), _cache(config)
     for batch in _varlen_steps(config.vocab_size):
         torch.testing.assert_close(runner.execute(batch, cache), reference.execute(batch, ref_cache),
                                    **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_long_prefill_and_batch_on_two_threads(tmp_path, arch) -> None:
+    """A 200-token prompt prefilled in two chunks beside another sequence, then decoded as a batch, on
+    ONNX Runtime's pool of 2 threads. head_dim 64 (the op's vector loops; the tiny fixture's 16 takes the
+    scalar ones) and enough K/V per call that the op shares its tiles with ORT's pool."""
+    config = factory.tiny_config(arch, k_quant=True)
+    ckpt = load_checkpoint(factory.write_hf_checkpoint(tmp_path / "ckpt", config,
+                                                       factory.random_state_dict(config, seed=3)))
+    reference = ReferenceRunner(TransformerModel.from_checkpoint(ckpt, attention_impl="torch"))
+    runner = OnnxRunner(ckpt, "fp32", cache_root=tmp_path / "onnx", layout="fused", intra_op_num_threads=2)
+    ids = torch.randint(0, config.vocab_size, (230,), generator=torch.Generator().manual_seed(9)).tolist()
+    long, short = ids[:200], ids[200:230]
+    tables = [list(range(0, 13)), list(range(13, 16))]  # 13 blocks of 16 hold 208 tokens
+    steps = [ModelInput.build([long[:128], short], [0, 0], tables, [False, True], BLOCK_SIZE),
+             ModelInput.build([long[128:], [7]], [128, 30], tables, [True, True], BLOCK_SIZE),
+             ModelInput.build([[11], [13]], [200, 31], tables, [True, True], BLOCK_SIZE)]
+    ref_cache, cache = _cache(config, 16), _cache(config, 16)
+    for step, batch in enumerate(steps):
+        torch.testing.assert_close(runner.execute(batch, cache), reference.execute(batch, ref_cache),
+                                   **tolerance(torch.float32), msg=f"logits, step {step}")
+    torch.testing.assert_close(cache, ref_cache, **tolerance(torch.float32))
+
+
+def test_fused_op_refuses_bad_metadata_without_touching_memory(tiny) -> None:
+    ckpt, _, root = tiny
+    runner = OnnxRunner(ckpt, "fp32", cache_root=root, layout="fused")
+    cache = _cache(ckpt.config)
+    good = _varlen_steps(ckpt.config.vocab_size)[0]
+    expected = runner.execute(good, cache.clone())
+    bad_block = _varlen_steps(ckpt.config.vocab_size)[0]
+    bad_block.attn.block_tables[0, 1] = 99  # 16 blocks in the cache
+    with pytest.raises(Exception, match=r"block_tables\[0, 1\] = 99 is not a block of the cache"):
+        runner.execute(bad_block, cache)
+    bad_slot = _varlen_steps(ckpt.config.vocab_size)[0]
+    bad_slot.attn.slot_mapping[3] = 16 * BLOCK_SIZE
+    with pytest.raises(Exception, match=r"slot_mapping\[3\] = 256 is not a slot of the cache"):
+        runner.execute(bad_slot, cache)
+    # the runner keeps serving: same logits as before the failures
+    torch.testing.assert_close(runner.execute(good, cache.clone()), expected)
+    with pytest.raises(ValueError, match="contiguous"):
+        runner.execute(good, cache.transpose(2, 3).contiguous().transpose(2, 3))
+
+
+def test_layout_choice(tiny, monkeypatch) -> None:
+    ckpt, _, root = tiny
+    assert OnnxRunner(ckpt, "fp32", cache_root=root).layout == "fused"  # CPU, the op builds here
+    assert OnnxRunner(ckpt, "fp32", cache_root=root, attention_impl="torch").layout == "split"
+    assert [p.name for p in OnnxRunner(ckpt, "fp32", cache_root=root).model.paths] == ["model.onnx"]
+    with pytest.raises(ValueError, match="layout must be one of"):
+        OnnxRunner(ckpt, "fp32", cache_root=root, layout="stacked")
+    with pytest.raises(ValueError, match="needs layout='split'"):
+        OnnxRunner(ckpt, "fp32", cache_root=root, layout="fused", attention_impl="torch")
+    from edge import ortop
+
+    monkeypatch.setattr(ortop, "_path", None)
+    monkeypatch.setattr(ortop, "_error", "no C++ compiler (c++ or $CXX) on PATH")
+    assert OnnxRunner(ckpt, "fp32", cache_root=root).layout == "split"
+    with pytest.raises(ValueError, match="attention op is unavailable: no C\\+\\+ compiler"):
+        OnnxRunner(ckpt, "fp32", cache_root=root, layout="fused")
 
 
 def test_bad_runner_arguments(tiny) -> None:
@@ -271,11 +350,14 @@ def test_smollm2_fp32_greedy_matches_reference(smollm2, tmp_path) -> None:
     # source="fast" (Q4_1 rounded again onto MatMulNBits' int4 grid, Q8_0 head exact): 78/96 = 81.2%, 17.2.
     # source="requantize" (Q4_1 / Q8_0 values rounded again onto MatMulNBits' own int4 grid): 70/96 = 72.9%,
     # 18.1: the double quantization, mostly of the LM head (exact layers with only the head re-quantized: 78/96).
+    # These were the split layout's figures; the fused layout (the default here; its attention sums in another
+    # order) measured int8 96/96 (max diff < 1e-3), int4 auto 89/96 = 92.7%, fast 76/96 = 79.2%, requantize
+    # 67/96 = 69.8%: one flip either way is 1%, so the bounds sit a few flips below both.
     # The max is over all 49,152 logits of 96 positions; agreement is the figure that matters.
     ("int8", "auto", 0.99, 1e-2),
     ("int4", "auto", 0.85, 5.0),
     ("int4", "fast", 0.70, 25.0),
-    ("int4", "requantize", 0.70, 25.0),
+    ("int4", "requantize", 0.65, 25.0),
 ])
 @pytest.mark.slow
 def test_smollm2_quantized_close_to_reference(smollm2, tmp_path, quant: str, source: str, min_agreement: float,

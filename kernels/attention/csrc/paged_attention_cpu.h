@@ -1,0 +1,284 @@
+// Paged attention on CPU, float32, straight off the shared KV-cache format: the arithmetic core.
+//
+// Header-only and free of any framework, so that every binding shares one implementation:
+//   * paged_decode_cpu.cpp        the PyTorch op (kernels.attention.native), one query per sequence;
+//   * edge/csrc/ort_paged_attention.cpp   the ONNX Runtime custom op of the edge engine's fused graph,
+//                                         any number of new tokens per sequence (prefill chunks too).
+//
+// Cache layout (kernels/kv_cache/layout.py): one layer's K (or V) is [num_blocks, block_size, num_kv_heads,
+// head_dim] with the last two dims contiguous and any block/slot strides. A work item is a "tile": up to a
+// few query tokens of one sequence and one KV head, with the query heads of that KV head's group, i.e.
+// `rows` query vectors, each with its own causal length (the number of cached positions it attends to,
+// its own position included). Query head h reads KV head h / (num_heads / num_kv_heads).
+//
+// The math is float32 with a two-pass softmax per row: scaled scores of every row at every position (each
+// K row loaded once for all rows of the tile), then max/exp/sum per row over its own length, then one pass
+// over V per row, normalised at the end. Rows of one tile may have different lengths (a prefill chunk's
+// tokens): scores past a row's length are computed (the keys exist: a later row of the tile reads them)
+// but never used.
+
+#pragma once
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace hgw {
+
+template <int kDim>
+struct Dim {
+  static constexpr int value = kDim;
+};
+
+// head_dim known at compile time for the common sizes, so the portable loops vectorise fully.
+template <typename DimT>
+inline float dot(const float* __restrict a, const float* __restrict b, int dim) {
+  const int n = DimT::value > 0 ? DimT::value : dim;
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+template <typename DimT>
+inline void axpy(float w, const float* __restrict x, float* __restrict y, int dim) {
+  const int n = DimT::value > 0 ? DimT::value : dim;
+#pragma omp simd
+  for (int i = 0; i < n; ++i) y[i] += w * x[i];
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr bool kHaveAvx2 = true;
+
+// e^x for x <= 0 (scores minus their max): 2^(x log2 e) split into 2^n (exponent bits) times 2^f,
+// |f| <= 1/2, with 2^f from its degree-6 Taylor polynomial (relative error below 2e-7).
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381608e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// Sums of four 8-lane vectors, as one 4-lane vector [sum(a), sum(b), sum(c), sum(d)].
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_hadd_ps(a, b);
+  const __m256 cd = _mm256_hadd_ps(c, d);
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+#else
+constexpr bool kHaveAvx2 = false;
+#endif
+
+// One layer's K and V halves of the paged cache (the KV head's offset is added per tile).
+struct PagedKV {
+  const float* k;
+  const float* v;
+  int64_t k_block_stride, k_slot_stride, v_block_stride, v_slot_stride;
+  int64_t block_size, head_dim;
+  float scale;
+};
+
+// A tile: `rows` query vectors of one sequence (block table `table`) and one KV head.
+struct Tile {
+  const int32_t* table;
+  int64_t kv_head;
+  int64_t rows;
+  const float* const* q;  // [rows] -> head_dim floats
+  float* const* out;      // [rows] -> head_dim floats
+  const int64_t* lens;    // [rows] causal lengths, each >= 1
+};
+
+// Scores of every row against `count` consecutive slots of one block: scores[r * width + pos + o] = scale * q_r . k_o.
+template <typename DimT, bool kVector>
+inline void block_scores(const float* const* q, const float* kb, int64_t slot_stride, int64_t count, int64_t rows,
+                         int dim, float scale, float* scores, int64_t width, int64_t pos) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kVector) {
+    if (dim % 8 == 0) {
+      const __m128 vscale = _mm_set1_ps(scale);
+      int64_t o = 0;
+      for (; o + 4 <= count; o += 4) {
+        const float* k0 = kb + o * slot_stride;
+        const float* k1 = k0 + slot_stride;
+        const float* k2 = k1 + slot_stride;
+        const float* k3 = k2 + slot_stride;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* qr = q[r];
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          for (int i = 0; i < dim; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(qr + i);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+          }
+          _mm_storeu_ps(scores + r * width + pos + o, _mm_mul_ps(hsum4(a0, a1, a2, a3), vscale));
+        }
+      }
+      for (; o < count; ++o) {
+        const float* kp = kb + o * slot_stride;
+        for (int64_t r = 0; r < rows; ++r) {
+          __m256 a = _mm256_setzero_ps();
+          for (int i = 0; i < dim; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q[r] + i), _mm256_loadu_ps(kp + i), a);
+          scores[r * width + pos + o] = hsum(a) * scale;
+        }
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t o = 0; o < count; ++o) {
+    const float* kp = kb + o * slot_stride;
+    for (int64_t r = 0; r < rows; ++r) scores[r * width + pos + o] = dot<DimT>(q[r], kp, dim) * scale;
+  }
+}
+
+// row[t] = exp(row[t] - max(row)) for t < len; returns the sum.
+template <bool kVector>
+inline float softmax_weights(float* row, int64_t len) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < len; ++t) m = std::max(m, row[t]);
+  float sum = 0.f;
+  int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kVector) {
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 vs = _mm256_setzero_ps();
+    for (; t + 8 <= len; t += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + t), vm));
+      _mm256_storeu_ps(row + t, e);
+      vs = _mm256_add_ps(vs, e);
+    }
+    sum = hsum(vs);
+  }
+#endif
+  for (; t < len; ++t) {
+    row[t] = std::exp(row[t] - m);
+    sum += row[t];
+  }
+  return sum;
+}
+
+// out = (sum_{t < len} w[t] v_t) / sum with eight 8-lane accumulators held in registers over all positions,
+// one 64-wide slice of head_dim at a time. Returns false (nothing done) when head_dim is not a multiple of 64
+// or the build has no AVX2.
+template <bool kVector>
+inline bool weighted_values(const float* vh, const int32_t* table, int64_t block_stride, int64_t slot_stride,
+                            int64_t block_size, int64_t len, int dim, const float* w, float sum, float* out) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kVector) {
+    if (dim % 64 != 0) return false;
+    for (int d0 = 0; d0 < dim; d0 += 64) {
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t pos = 0, b = 0; pos < len; ++b) {
+        const float* vb = vh + table[b] * block_stride + d0;
+        const int64_t in_block = std::min(block_size, len - pos);
+        for (int64_t o = 0; o < in_block; ++o, ++pos) {
+          const __m256 wv = _mm256_set1_ps(w[pos]);
+          const float* vp = vb + o * slot_stride;
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vp + 8 * j), acc[j]);
+        }
+      }
+      const __m256 inv = _mm256_set1_ps(1.f / sum);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + d0 + 8 * j, _mm256_mul_ps(acc[j], inv));
+    }
+    return true;
+  }
+#endif
+  (void)vh, (void)table, (void)block_stride, (void)slot_stride, (void)block_size, (void)len, (void)dim;
+  (void)w, (void)sum, (void)out;
+  return false;
+}
+
+// One tile: every row's softmax(q K^T * scale) V over its own causal length.
+template <typename DimT, bool kVector>
+void attend_tile(const PagedKV& kv, const Tile& t) {
+  const int dim = static_cast<int>(kv.head_dim);
+  int64_t width = 0;
+  for (int64_t r = 0; r < t.rows; ++r) width = std::max(width, t.lens[r]);
+  const int64_t used_blocks = (width + kv.block_size - 1) / kv.block_size;
+  thread_local std::vector<float> scores, acc;
+  scores.resize(static_cast<size_t>(t.rows * width));
+  // Pass 1: scaled scores of every row at every position up to the tile's longest row, block by block.
+  const float* kh = kv.k + t.kv_head * kv.head_dim;
+  for (int64_t b = 0, pos = 0; b < used_blocks; ++b) {
+    const int64_t in_block = std::min(kv.block_size, width - pos);
+    block_scores<DimT, kVector>(t.q, kh + t.table[b] * kv.k_block_stride, kv.k_slot_stride, in_block, t.rows, dim,
+                                kv.scale, scores.data(), width, pos);
+    pos += in_block;
+  }
+  // Per row: softmax weights over its own length (unnormalised), then the weighted sum of V, normalised.
+  const float* vh = kv.v + t.kv_head * kv.head_dim;
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const int64_t len = t.lens[r];
+    float* w = scores.data() + r * width;
+    const float sum = softmax_weights<kVector>(w, len);
+    if (weighted_values<kVector>(vh, t.table, kv.v_block_stride, kv.v_slot_stride, kv.block_size, len, dim, w, sum,
+                                 t.out[r])) {
+      continue;
+    }
+    acc.assign(static_cast<size_t>(dim), 0.f);
+    for (int64_t b = 0, pos = 0; pos < len; ++b) {
+      const float* vb = vh + t.table[b] * kv.v_block_stride;
+      const int64_t in_block = std::min(kv.block_size, len - pos);
+      for (int64_t o = 0; o < in_block; ++o, ++pos) axpy<DimT>(w[pos], vb + o * kv.v_slot_stride, acc.data(), dim);
+    }
+    const float inv = 1.f / sum;
+    for (int i = 0; i < dim; ++i) t.out[r][i] = acc[i] * inv;
+  }
+}
+
+// attend_tile with head_dim and the loop kind resolved: fn(kv, tile) for the common head sizes.
+using AttendFn = void (*)(const PagedKV&, const Tile&);
+
+inline AttendFn attend_fn(int64_t head_dim, bool portable) {
+  const bool vector = kHaveAvx2 && !portable;
+  switch (head_dim) {
+    case 64: return vector ? &attend_tile<Dim<64>, true> : &attend_tile<Dim<64>, false>;
+    case 128: return vector ? &attend_tile<Dim<128>, true> : &attend_tile<Dim<128>, false>;
+    default: return vector ? &attend_tile<Dim<0>, true> : &attend_tile<Dim<0>, false>;
+  }
+}
+
+// "" when every block a sequence of `len` positions reads through `table` lies in the cache; else why not.
+inline std::string check_table(const int32_t* table, int64_t len, int64_t max_blocks, int64_t block_size,
+                               int64_t num_blocks, const std::string& len_name, const std::string& table_name) {
+  if (len < 1 || len > max_blocks * block_size) {
+    return len_name + " = " + std::to_string(len) + " is outside [1, " + std::to_string(max_blocks * block_size) +
+           "] (max_blocks x block_size)";
+  }
+  for (int64_t b = 0, used = (len + block_size - 1) / block_size; b < used; ++b) {
+    if (table[b] < 0 || table[b] >= num_blocks) {
+      return table_name + ", " + std::to_string(b) + "] = " + std::to_string(table[b]) +
+             " is not a block of the cache (" + std::to_string(num_blocks) + " blocks)";
+    }
+  }
+  return "";
+}
+
+}  // namespace hgw
