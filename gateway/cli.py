@@ -288,6 +288,10 @@ def bench_gateway(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hybrid-gateway`` script; returns the exit code."""
+    if argv is None and sys.argv[1:2] in (["serve"], ["bench"]):
+        from gateway.hugepages import reexec_with_hugepages
+
+        reexec_with_hugepages()  # once, before anything is allocated (gateway/hugepages.py)
     try:
         result = app(args=argv, prog_name="hybrid-gateway", standalone_mode=False)
     except (click.exceptions.Exit, typer.Exit) as exc:

@@ -9,9 +9,10 @@ could still become a stop string, so no stop text ever reaches a client.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -128,6 +129,10 @@ class EngineCore:
         self._ids = itertools.count()
         self._counters = _Counters()
         self._pending: list[RequestOutput] = []
+        # torch's intra-op threads for the step's own tensor work (batch building, sampling), when the runner
+        # asks: a runner whose compute has its own pool (ONNX Runtime) wants torch on one thread, else torch's
+        # OpenMP workers, spinning after a parallel argmax, take the cores from that pool.
+        self._host_threads: int | None = getattr(runner, "host_threads", None)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -190,14 +195,15 @@ class EngineCore:
         if plan.is_empty:
             return outputs
         start = time.perf_counter()
-        batch = ModelInput.build(
-            [c.seq.token_ids[c.seq.num_computed:c.seq.num_computed + c.num_tokens] for c in plan.chunks],
-            [c.seq.num_computed for c in plan.chunks],
-            [self.blocks.block_table(c.seq.request_id) for c in plan.chunks],
-            [c.samples for c in plan.chunks], self.config.block_size, self.config.device)
-        logits = self.runner.execute(batch, self.kv_cache)
         sampling = [c.seq for c in plan.chunks if c.samples]
-        tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling]).tolist()
+        with _torch_threads(self._host_threads):
+            batch = ModelInput.build(
+                [c.seq.token_ids[c.seq.num_computed:c.seq.num_computed + c.num_tokens] for c in plan.chunks],
+                [c.seq.num_computed for c in plan.chunks],
+                [self.blocks.block_table(c.seq.request_id) for c in plan.chunks],
+                [c.samples for c in plan.chunks], self.config.block_size, self.config.device)
+            logits = self.runner.execute(batch, self.kv_cache)
+            tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling]).tolist()
         self._counters.prompt_tokens += sum(
             max(0, min(c.seq.num_computed + c.num_tokens, c.seq.num_prompt) - c.seq.num_computed) for c in plan.chunks)
         self.scheduler.postprocess(plan, {id(s): t for s, t in zip(sampling, tokens, strict=True)})
@@ -272,6 +278,19 @@ class EngineCore:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), b.num_used, b.num_free,
                            self.scheduler.num_preemptions, b.hit_rate, self._counters.steps,
                            self._counters.prompt_tokens, self._counters.generated_tokens)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    if threads is None or threads == torch.get_num_threads():
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -17,8 +17,8 @@
 // Output: attn [T, H * D] float. Attributes: layer, num_heads, num_kv_heads (int), scale (float).
 //
 // New token j of sequence i (at position seq_len - q_len + j) attends causally to positions 0 .. its own.
-// Work is split into tiles of up to kTileTokens new tokens of one sequence times one KV head, so a prefill
-// chunk loads each K row once for several queries; large steps run on ONNX Runtime's intra-op thread pool
+// Work is split into tiles of up to kTileTokens new tokens of one sequence with all its KV heads, so a
+// prefill chunk loads each K row once for several queries and every cached row is read whole; large steps run on ONNX Runtime's intra-op thread pool
 // (KernelContext_ParallelFor), the cores the dense ops use.
 //
 // Every index is checked before any memory is touched; a bad one fails the run with ORT_INVALID_ARGUMENT.
@@ -104,7 +104,7 @@ struct Kernel {
   float scale;
 
   struct Item {
-    int64_t seq, first, count, kv_head;
+    int64_t seq, first, count;
   };
 
   struct Work {
@@ -123,27 +123,29 @@ struct Kernel {
   static void run_item(void* data, size_t index) {
     const Work& w = *static_cast<const Work*>(data);
     const Item& item = w.items[index];
-    const int64_t rows = item.count * w.group;
+    const int64_t rows = item.count * w.group;  // per KV head: the tile's tokens x the group's query heads
+    const int64_t heads = w.kernel->num_heads, num_kv = w.kernel->num_kv_heads;
     thread_local std::vector<const float*> q;
     thread_local std::vector<float*> out;
     thread_local std::vector<int64_t> lens;
-    q.resize(rows);
-    out.resize(rows);
+    q.resize(num_kv * rows);
+    out.resize(num_kv * rows);
     lens.resize(rows);
     const int64_t q_len = w.cu[item.seq + 1] - w.cu[item.seq];
     const int64_t context = w.seq_lens[item.seq] - q_len;
-    const int64_t heads = w.kernel->num_heads;
     for (int64_t j = 0; j < item.count; ++j) {
       const int64_t t = item.first + j;
-      for (int64_t g = 0; g < w.group; ++g) {
-        const int64_t r = j * w.group + g;
-        const int64_t offset = (t * heads + item.kv_head * w.group + g) * w.head_dim;
-        q[r] = w.q + offset;
-        out[r] = w.out + offset;
-        lens[r] = context + (t - w.cu[item.seq]) + 1;
+      for (int64_t g = 0; g < w.group; ++g) lens[j * w.group + g] = context + (t - w.cu[item.seq]) + 1;
+      for (int64_t kvh = 0; kvh < num_kv; ++kvh) {
+        for (int64_t g = 0; g < w.group; ++g) {
+          const int64_t r = kvh * rows + j * w.group + g;
+          const int64_t offset = (t * heads + kvh * w.group + g) * w.head_dim;
+          q[r] = w.q + offset;
+          out[r] = w.out + offset;
+        }
       }
     }
-    w.attend(w.kv, hgw::Tile{w.block_tables + item.seq * w.max_blocks, item.kv_head, rows, q.data(), out.data(),
+    w.attend(w.kv, hgw::Tile{w.block_tables + item.seq * w.max_blocks, 0, num_kv, rows, q.data(), out.data(),
                              lens.data()});
   }
 
@@ -233,7 +235,7 @@ struct Kernel {
       for (int64_t first = cu.data[i]; first < cu.data[i + 1]; first += kTileTokens) {
         const int64_t count = std::min<int64_t>(kTileTokens, cu.data[i + 1] - first);
         const int64_t width = seq_lens.data[i] - (cu.data[i + 1] - first - count);  // the tile's last token
-        for (int64_t h = 0; h < KVH; ++h) items.push_back(Item{i, first, count, h});
+        items.push_back(Item{i, first, count});
         floats += 2 * width * row;
       }
     }

@@ -7,9 +7,10 @@
 //
 // Cache layout (kernels/kv_cache/layout.py): one layer's K (or V) is [num_blocks, block_size, num_kv_heads,
 // head_dim] with the last two dims contiguous and any block/slot strides. A work item is a "tile": up to a
-// few query tokens of one sequence and one KV head, with the query heads of that KV head's group, i.e.
-// `rows` query vectors, each with its own causal length (the number of cached positions it attends to,
-// its own position included). Query head h reads KV head h / (num_heads / num_kv_heads).
+// few query tokens of one sequence and one or more of its KV heads, with the query heads of each KV head's
+// group, i.e. `rows` query vectors per KV head, each with its own causal length (the number of cached
+// positions it attends to, its own position included). Query head h reads KV head h / (num_heads /
+// num_kv_heads).
 //
 // The math is float32 with a two-pass softmax per row: scaled scores of every row at every position (each
 // K row loaded once for all rows of the tile), then max/exp/sum per row over its own length, then one pass
@@ -102,15 +103,35 @@ struct PagedKV {
   float scale;
 };
 
-// A tile: `rows` query vectors of one sequence (block table `table`) and one KV head.
+// A tile: query vectors of one sequence (block table `table`) for the KV heads kv_head0 .. kv_head0 + num_kv - 1,
+// `rows` of them per KV head (the group's query heads times the tile's new tokens), KV-head-major. Taking every
+// KV head of a sequence in one tile reads each cached slot's K and V rows whole and in order, which streams
+// from DRAM several times faster than one KV head's slice at a time.
 struct Tile {
   const int32_t* table;
-  int64_t kv_head;
-  int64_t rows;
-  const float* const* q;  // [rows] -> head_dim floats
-  float* const* out;      // [rows] -> head_dim floats
-  const int64_t* lens;    // [rows] causal lengths, each >= 1
+  int64_t kv_head0, num_kv;
+  int64_t rows;           // query rows per KV head
+  const float* const* q;  // [num_kv * rows] -> head_dim floats
+  float* const* out;      // [num_kv * rows] -> head_dim floats
+  const int64_t* lens;    // [rows] causal lengths, each >= 1 (the same for every KV head)
 };
+
+// How far ahead pass 1 prefetches K, in cached positions.
+constexpr int64_t kPrefetchSlots = 16;
+
+inline void prefetch_lines(const float* p, int64_t floats, int hint) {
+#if defined(__AVX2__) && defined(__FMA__)
+  for (int64_t i = 0; i < floats; i += 16) {
+    if (hint == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T1);
+    }
+  }
+#else
+  (void)p, (void)floats, (void)hint;
+#endif
+}
 
 // Scores of every row against `count` consecutive slots of one block: scores[r * width + pos + o] = scale * q_r . k_o.
 template <typename DimT, bool kVector>
@@ -222,34 +243,54 @@ void attend_tile(const PagedKV& kv, const Tile& t) {
   int64_t width = 0;
   for (int64_t r = 0; r < t.rows; ++r) width = std::max(width, t.lens[r]);
   const int64_t used_blocks = (width + kv.block_size - 1) / kv.block_size;
+  const int64_t all_rows = t.num_kv * t.rows;
+  // The tile's KV heads as one contiguous run of each slot's row (when the slot holds them contiguously).
+  const int64_t span = (t.num_kv - 1) * kv.head_dim + kv.head_dim;
   thread_local std::vector<float> scores, acc;
-  scores.resize(static_cast<size_t>(t.rows * width));
-  // Pass 1: scaled scores of every row at every position up to the tile's longest row, block by block.
-  const float* kh = kv.k + t.kv_head * kv.head_dim;
+  scores.resize(static_cast<size_t>(all_rows * width));
+  // Pass 1: scaled scores of every row at every position up to the tile's longest row, block by block. K is
+  // prefetched kPrefetchSlots positions ahead (DRAM latency outlasts a block's arithmetic), and each block's V
+  // into L2 for pass 2.
+  auto prefetch_k = [&](int64_t p) {
+    if (p < width) {
+      const float* k = kv.k + t.table[p / kv.block_size] * kv.k_block_stride + (p % kv.block_size) * kv.k_slot_stride;
+      prefetch_lines(k + t.kv_head0 * kv.head_dim, span, 0);
+    }
+  };
+  for (int64_t p = 0; p < std::min<int64_t>(kPrefetchSlots, width); ++p) prefetch_k(p);
   for (int64_t b = 0, pos = 0; b < used_blocks; ++b) {
     const int64_t in_block = std::min(kv.block_size, width - pos);
-    block_scores<DimT, kVector>(t.q, kh + t.table[b] * kv.k_block_stride, kv.k_slot_stride, in_block, t.rows, dim,
-                                kv.scale, scores.data(), width, pos);
+    const float* kb = kv.k + t.table[b] * kv.k_block_stride + t.kv_head0 * kv.head_dim;
+    for (int64_t o = 0; o < in_block; ++o) prefetch_k(pos + o + kPrefetchSlots);
+    const float* vb = kv.v + t.table[b] * kv.v_block_stride + t.kv_head0 * kv.head_dim;
+    for (int64_t o = 0; o < in_block; ++o) prefetch_lines(vb + o * kv.v_slot_stride, span, 1);
+    for (int64_t h = 0; h < t.num_kv; ++h) {
+      block_scores<DimT, kVector>(t.q + h * t.rows, kb + h * kv.head_dim, kv.k_slot_stride, in_block, t.rows, dim,
+                                  kv.scale, scores.data() + h * t.rows * width, width, pos);
+    }
     pos += in_block;
   }
   // Per row: softmax weights over its own length (unnormalised), then the weighted sum of V, normalised.
-  const float* vh = kv.v + t.kv_head * kv.head_dim;
-  for (int64_t r = 0; r < t.rows; ++r) {
-    const int64_t len = t.lens[r];
-    float* w = scores.data() + r * width;
-    const float sum = softmax_weights<kVector>(w, len);
-    if (weighted_values<kVector>(vh, t.table, kv.v_block_stride, kv.v_slot_stride, kv.block_size, len, dim, w, sum,
-                                 t.out[r])) {
-      continue;
+  for (int64_t h = 0; h < t.num_kv; ++h) {
+    const float* vh = kv.v + (t.kv_head0 + h) * kv.head_dim;
+    for (int64_t r = 0; r < t.rows; ++r) {
+      const int64_t len = t.lens[r];
+      const int64_t row = h * t.rows + r;
+      float* w = scores.data() + row * width;
+      const float sum = softmax_weights<kVector>(w, len);
+      if (weighted_values<kVector>(vh, t.table, kv.v_block_stride, kv.v_slot_stride, kv.block_size, len, dim, w, sum,
+                                   t.out[row])) {
+        continue;
+      }
+      acc.assign(static_cast<size_t>(dim), 0.f);
+      for (int64_t b = 0, pos = 0; pos < len; ++b) {
+        const float* vbh = vh + t.table[b] * kv.v_block_stride;
+        const int64_t in_block = std::min(kv.block_size, len - pos);
+        for (int64_t o = 0; o < in_block; ++o, ++pos) axpy<DimT>(w[pos], vbh + o * kv.v_slot_stride, acc.data(), dim);
+      }
+      const float inv = 1.f / sum;
+      for (int i = 0; i < dim; ++i) t.out[row][i] = acc[i] * inv;
     }
-    acc.assign(static_cast<size_t>(dim), 0.f);
-    for (int64_t b = 0, pos = 0; pos < len; ++b) {
-      const float* vb = vh + t.table[b] * kv.v_block_stride;
-      const int64_t in_block = std::min(kv.block_size, len - pos);
-      for (int64_t o = 0; o < in_block; ++o, ++pos) axpy<DimT>(w[pos], vb + o * kv.v_slot_stride, acc.data(), dim);
-    }
-    const float inv = 1.f / sum;
-    for (int i = 0; i < dim; ++i) t.out[r][i] = acc[i] * inv;
   }
 }
 

@@ -16,8 +16,8 @@
 // Query head h reads KV head h / (num_heads / num_kv_heads), as in grouped-query attention.
 //
 // The arithmetic is paged_attention_cpu.h's (shared with the edge engine's ONNX Runtime op): a two-pass
-// float32 softmax per (sequence, KV head), the group's query heads being one tile. Work items are
-// (sequence, KV head) pairs; with threads > 1 and enough K/V to read, they are shared with sleeping worker threads (a decode
+// float32 softmax per query head, a sequence's heads being one tile (its K/V rows read whole). Work items
+// are sequences; with threads > 1 and enough K/V to read, they are shared with sleeping worker threads (a decode
 // step's attention is bound by memory bandwidth, which one core does not saturate).
 
 #include <torch/extension.h>
@@ -62,21 +62,22 @@ void validate(const Args& a) {
   }
 }
 
-// One work item: sequence s, KV head kvh, and the query heads of its group (one tile of `group` rows).
-void decode_item(const Args& a, int64_t s, int64_t kvh) {
+// One work item: sequence s with every KV head, each with the query heads of its group (one tile).
+void decode_item(const Args& a, int64_t s) {
   const int64_t group = a.num_heads / a.num_kv_heads;
   thread_local std::vector<const float*> q;
   thread_local std::vector<float*> out;
   thread_local std::vector<int64_t> lens;
-  q.resize(group);
-  out.resize(group);
+  q.resize(a.num_heads);
+  out.resize(a.num_heads);
   lens.assign(group, a.seq_lens[s]);
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t row = (s * a.num_heads + kvh * group + g) * a.kv.head_dim;
-    q[g] = a.q + row;
-    out[g] = a.out + row;
+  for (int64_t h = 0; h < a.num_heads; ++h) {  // query head h = KV head h / group, row h % group
+    const int64_t row = (s * a.num_heads + h) * a.kv.head_dim;
+    q[h] = a.q + row;
+    out[h] = a.out + row;
   }
-  a.attend(a.kv, hgw::Tile{a.block_tables + s * a.max_blocks, kvh, group, q.data(), out.data(), lens.data()});
+  a.attend(a.kv, hgw::Tile{a.block_tables + s * a.max_blocks, 0, a.num_kv_heads, group, q.data(), out.data(),
+                           lens.data()});
 }
 
 // A few worker threads that sleep between calls (no spinning: between layers the cores belong to ONNX Runtime
@@ -162,14 +163,14 @@ constexpr int64_t kParallelMinFloats = 192 * 1024;
 
 void decode(const Args& a, int threads) {
   validate(a);
-  const int64_t items = a.num_seqs * a.num_kv_heads;
+  const int64_t items = a.num_seqs;
   int64_t floats = 0;
   for (int64_t s = 0; s < a.num_seqs; ++s) floats += 2 * a.seq_lens[s] * a.num_kv_heads * a.kv.head_dim;
   if (threads <= 1 || items < 2 || floats < kParallelMinFloats) {
-    for (int64_t i = 0; i < items; ++i) decode_item(a, i / a.num_kv_heads, i % a.num_kv_heads);
+    for (int64_t i = 0; i < items; ++i) decode_item(a, i);
     return;
   }
-  const std::function<void(int64_t)> fn = [&a](int64_t i) { decode_item(a, i / a.num_kv_heads, i % a.num_kv_heads); };
+  const std::function<void(int64_t)> fn = [&a](int64_t i) { decode_item(a, i); };
   const int helpers = static_cast<int>(std::min<int64_t>(threads - 1, items - 1));
   if (!pool_for(helpers).run(items, helpers, fn)) {
     for (int64_t i = 0; i < items; ++i) fn(i);
