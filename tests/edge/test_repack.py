@@ -124,11 +124,13 @@ def tiny_gguf(request, tmp_path_factory):
     return ckpt, reference, ggml_type, tmp_path_factory.mktemp("onnx")
 
 
-def test_repacked_int4_equals_reference(tiny_gguf) -> None:
+@pytest.mark.parametrize("layout", ["split", "fused"])
+def test_repacked_int4_equals_reference(tiny_gguf, layout) -> None:
     """The reference model runs on the GGUF's dequantized weights; with float compute (accuracy_level 0) the
     repacked graphs compute the same function, so logits agree to fp32 tolerance and greedy tokens are equal."""
     ckpt, reference, ggml_type, root = tiny_gguf
-    runner = OnnxRunner(ckpt, "int4", accuracy_level=0, cache_root=root, attention_impl="torch")
+    impl = "torch" if layout == "split" else "auto"
+    runner = OnnxRunner(ckpt, "int4", accuracy_level=0, cache_root=root, attention_impl=impl, layout=layout)
     manifest = json.loads((runner.model.directory / "manifest.json").read_text())
     num_linears = 4 * ckpt.config.num_layers + 1
     assert manifest["linear_sources"] == {f"repacked {ggml_type}": num_linears}
