@@ -56,10 +56,6 @@ _path: Path | None = None
 _error: str | None = None
 
 
-def _disabled() -> bool:
-    return os.environ.get(native.DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off")
-
-
 def _extract_deb_headers(deb: bytes, target: Path) -> None:
     """Unpack ``usr/include/onnxruntime/*.h`` of a .deb (an ar archive holding data.tar.xz) into ``target``."""
     if not deb.startswith(b"!<arch>\n"):
@@ -156,25 +152,21 @@ def _build() -> Path:
 
 
 def library_path() -> Path | None:
-    """The compiled custom op library (built on first use), or None when unavailable (see :func:`unavailable_reason`)."""
+    """The compiled custom op library (built on first use), or None when unavailable (:func:`unavailable_reason`)."""
     global _path, _error
     if _path is not None or _error is not None:
         return _path
     with _lock:
         if _path is not None or _error is not None:
             return _path
-        if _disabled():
-            _error = f"disabled by {native.DISABLE_ENV}={os.environ[native.DISABLE_ENV]}"
-            return None
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            _error = "no C++ compiler (c++ or $CXX) on PATH"
-        else:
+        _error = native.build_blocker()
+        if _error is None:
             try:
                 _path = _build()
             except Exception as exc:  # noqa: BLE001 - the split graphs work without it
                 lines = str(exc).strip().splitlines()
                 _error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-        if _error is not None:
+        if _error is not None and not _error.startswith("disabled"):
             log.warning("ONNX Runtime attention op unavailable (%s); the edge runner uses the split graphs", _error)
         return _path
 

@@ -87,6 +87,16 @@ def _build() -> ModuleType:
                                   build_directory=str(directory), verbose=False)
 
 
+def build_blocker() -> str | None:
+    """Why no native code can be built here (turned off, or no C++ compiler), or None. Shared with
+    :mod:`edge.ortop`, whose ONNX Runtime op the same switch governs."""
+    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler (c++ or $CXX) on PATH"
+    return None
+
+
 def load() -> ModuleType | None:
     """The compiled op, building it on first use; None when disabled or unbuildable (see :func:`unavailable_reason`)."""
     global _module, _error
@@ -95,12 +105,10 @@ def load() -> ModuleType | None:
     with _lock:
         if _module is not None or _error is not None:
             return _module
-        if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-            _error = f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
-            return None
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            _error = "no C++ compiler (c++ or $CXX) on PATH"
-            log.warning("native CPU attention op unavailable: %s; using the torch path", _error)
+        _error = build_blocker()
+        if _error is not None:
+            if "compiler" in _error:
+                log.warning("native CPU attention op unavailable: %s; using the torch path", _error)
             return None
         try:
             _module = _build()
