@@ -80,6 +80,10 @@ def _extract_deb_headers(deb: bytes, target: Path) -> None:
     raise ValueError("the package has no data.tar member")
 
 
+def _headers_dir(sha256: str) -> Path:
+    return cache_dir().parent / "ort-headers" / sha256[:16]
+
+
 def include_dir() -> Path:
     """A directory holding ``onnxruntime_c_api.h``: ``$HYBRID_GATEWAY_ORT_INCLUDE``, or the cached download."""
     if os.environ.get(INCLUDE_ENV):
@@ -87,10 +91,9 @@ def include_dir() -> Path:
         if not (directory / "onnxruntime_c_api.h").is_file():
             raise FileNotFoundError(f"${INCLUDE_ENV}={directory} has no onnxruntime_c_api.h")
         return directory
-    url, sha256 = HEADER_PACKAGES[0]
-    directory = cache_dir().parent / "ort-headers" / sha256[:16]
-    if (directory / "onnxruntime_c_api.h").is_file():
-        return directory
+    for _, sha256 in HEADER_PACKAGES:  # any package fetched before
+        if (_headers_dir(sha256) / "onnxruntime_c_api.h").is_file():
+            return _headers_dir(sha256)
     errors = []
     for url, sha256 in HEADER_PACKAGES:
         try:
@@ -103,7 +106,7 @@ def include_dir() -> Path:
         if digest != sha256:
             errors.append(f"{url}: sha256 {digest}, expected {sha256}")
             continue
-        directory = cache_dir().parent / "ort-headers" / sha256[:16]
+        directory = _headers_dir(sha256)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
         try:
