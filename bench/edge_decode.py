@@ -1,7 +1,7 @@
 """Batch-1 greedy decode speed of the edge runner (ONNX Runtime dense parts + kernels attention).
 
     python bench/edge_decode.py --quant int4 --new-tokens 64 --threads 2 [--global-pool] [--batches 1,16,64]
-        [--layout auto|fused|split]
+        [--layout auto|fused|split] [--matmul auto|ort|hgw]
 
 Prints prefill time, decode tok/s and a per-step breakdown of a decode step: time inside ONNX Runtime
 (sessions replayed alone on the same bound buffers), time inside ``kernels.attention`` (the layer calls
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "(every sequence at --context tokens)")
     parser.add_argument("--context", type=int, default=100)
     parser.add_argument("--layout", default="auto", choices=("auto", "fused", "split"))
+    parser.add_argument("--matmul", default="auto", choices=("auto", "ort", "hgw"))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
@@ -47,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = load_checkpoint(resolve_model(args.model))
     t0 = time.perf_counter()
     runner = OnnxRunner(ckpt, args.quant, accuracy_level=args.accuracy_level, source=args.source,
-                        intra_op_num_threads=args.threads, layout=args.layout)
+                        intra_op_num_threads=args.threads, layout=args.layout,
+                        matmul=args.matmul)
     print(f"load/build: {time.perf_counter() - t0:.2f}s (reused cache: {runner.model.reused}), "
-          f"threads={runner.intra_op_num_threads}, layout={runner.layout}, dir={runner.model.directory}")
+          f"threads={runner.intra_op_num_threads}, layout={runner.layout}, matmul={runner.matmul}, dir={runner.model.directory}")
     if runner.host_threads is not None:
         torch.set_num_threads(runner.host_threads)  # as EngineCore does around a step (argmax next to ORT's pool)
     tok = Tokenizer.from_checkpoint(ckpt)

@@ -1,8 +1,9 @@
-"""The edge engine's ONNX Runtime custom op library (``csrc/ort_paged_attention.cpp``): fetched headers, one build.
+"""The edge engine's ONNX Runtime custom op library (``csrc/ort_ops.cpp``): fetched headers, one build.
 
 The fused graph (:mod:`edge.builder`, layout ``"fused"``) runs a whole step in one ONNX Runtime call, with
-each layer's attention as a ``hybrid_gateway::PagedAttention`` node on the shared paged KV cache. That node
-is C++ compiled against ONNX Runtime's C API header, ``onnxruntime_c_api.h``, which the ``onnxruntime-gpu``
+each layer's attention as a ``hybrid_gateway::PagedAttention`` node on the shared paged KV cache, and (builder
+option ``matmul="hgw"``) its linear layers as ``hybrid_gateway::BlockQuantMatMul`` nodes
+(``csrc/block_quant_gemm.h``). The ops are C++ compiled against ONNX Runtime's C API header, ``onnxruntime_c_api.h``, which the ``onnxruntime-gpu``
 wheel does not ship. The header comes from Debian's ``libonnxruntime-dev`` package (ONNX Runtime 1.21,
 MIT; a C API header of an older release works with every newer runtime), downloaded once, checked
 against its sha256 and unpacked into the cache; ``$HYBRID_GATEWAY_ORT_INCLUDE`` points at a directory
@@ -37,11 +38,13 @@ from kernels.checkpoints.store import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "ort_paged_attention.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "ort_ops.cpp"
+MATMUL_HEADER = SOURCE.with_name("block_quant_gemm.h")
 CORE_HEADER = native.HEADER  # kernels/attention/csrc/paged_attention_cpu.h
-NAME = "hgw_ort_paged_attention"
+NAME = "hgw_ort_ops"
 DOMAIN = "hybrid_gateway"
 OP = "PagedAttention"
+MATMUL_OP = "BlockQuantMatMul"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-fvisibility=hidden")
 INCLUDE_ENV = "HYBRID_GATEWAY_ORT_INCLUDE"
 
@@ -126,7 +129,7 @@ def include_dir() -> Path:
 
 def build_dir(includes: Path) -> Path:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), CORE_HEADER.read_bytes(), (includes / "onnxruntime_c_api.h").read_bytes(),
+    for part in (SOURCE.read_bytes(), MATMUL_HEADER.read_bytes(), CORE_HEADER.read_bytes(), (includes / "onnxruntime_c_api.h").read_bytes(),
                  repr(FLAGS).encode(), native._cpu_signature().encode()):
         digest.update(part)
     return cache_dir().parent / "ext" / f"{NAME}-{digest.hexdigest()[:16]}"
@@ -145,7 +148,7 @@ def _build() -> Path:
         flags.append("-march=native")
     tmp = directory / f".{NAME}.{os.getpid()}.so"
     cmd = [compiler, *flags, f"-I{includes}", f"-I{CORE_HEADER.parent}", str(SOURCE), "-o", str(tmp)]
-    log.info("building the ONNX Runtime attention op into %s (once per machine)", directory)
+    log.info("building the ONNX Runtime custom ops into %s (once per machine)", directory)
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -170,7 +173,7 @@ def library_path() -> Path | None:
                 lines = str(exc).strip().splitlines()
                 _error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
         if _error is not None and not _error.startswith("disabled"):
-            log.warning("ONNX Runtime attention op unavailable (%s); the edge runner uses the split graphs", _error)
+            log.warning("ONNX Runtime custom ops unavailable (%s); the edge runner uses the split graphs", _error)
         return _path
 
 

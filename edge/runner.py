@@ -4,7 +4,8 @@ Two layouts (:class:`edge.builder.BuildOptions`):
 
 * ``"fused"`` (the default on CPU when the custom op builds, :mod:`edge.ortop`): one graph, one ONNX Runtime
   call per step. Each layer's attention is a ``hybrid_gateway::PagedAttention`` node running the shared C++
-  attention core of ``kernels/attention/csrc`` on the engine's KV cache tensor, bound as a graph input.
+  attention core of ``kernels/attention/csrc`` on the engine's KV cache tensor, bound as a graph input; int4
+  linear layers are ``hybrid_gateway::BlockQuantMatMul`` nodes (``matmul="hgw"``, :mod:`edge.blockquant`).
 * ``"split"`` (CUDA, or no C++ compiler): ``num_layers + 1`` sessions with ``kernels.attention`` called
   between them from Python.
 
@@ -31,7 +32,7 @@ import onnxruntime as ort
 import torch
 
 from edge import ortop
-from edge.builder import LAYOUTS, BuildOptions, OnnxModel, Quant, Source, build_onnx_model
+from edge.builder import LAYOUTS, MATMULS, BuildOptions, OnnxModel, Quant, Source, build_onnx_model
 from kernels.attention import IMPLS, attention_kv, resolve_impl
 from kernels.checkpoints import Checkpoint, ModelConfig
 from kernels.runner import ModelInput
@@ -81,7 +82,8 @@ class OnnxRunner:
 
     ``checkpoint`` is a :class:`Checkpoint` or a path :func:`kernels.checkpoints.load_checkpoint` opens; the
     graphs are built (or reused) by :func:`edge.builder.build_onnx_model` with ``quant``, ``block_size``,
-    ``accuracy_level`` and ``source`` (see :class:`edge.builder.BuildOptions`). ``intra_op_num_threads`` defaults to the
+    ``accuracy_level``, ``source`` and ``matmul`` (see :class:`edge.builder.BuildOptions`; ``matmul="auto"`` takes
+    ``"hgw"``, the custom block-quantized matmul, wherever it applies: the fused layout, int4, int8 activations). ``intra_op_num_threads`` defaults to the
     physical cores; above 1 it sizes ORT's process-wide pool, which the first runner creates and later ones
     share (``self.intra_op_num_threads`` says the size in force). ``providers`` defaults to CUDA when torch
     sees a GPU, else CPU. ``attention_threads`` is torch's thread count during a CPU step (``None`` leaves it).
@@ -94,7 +96,7 @@ class OnnxRunner:
     def __init__(self, checkpoint: Checkpoint | str | os.PathLike[str], quant: Quant = "int4", *,
                  block_size: int = 32, accuracy_level: int | None = None, source: Source = "auto",
                  intra_op_num_threads: int | None = None, providers: Sequence[str] | None = None,
-                 attention_impl: str = "auto", layout: str = "auto",
+                 attention_impl: str = "auto", layout: str = "auto", matmul: str = "auto",
                  attention_threads: int | None = 1, cache_root: Path | None = None,
                  force_build: bool = False) -> None:
         if attention_impl not in IMPLS:
@@ -105,12 +107,18 @@ class OnnxRunner:
             raise ValueError(f"attention_threads must be a positive int or None, got {attention_threads!r}")
         if layout not in ("auto", *LAYOUTS):
             raise ValueError(f"layout must be one of {('auto', *LAYOUTS)}, got {layout!r}")
+        if matmul not in ("auto", *MATMULS):
+            raise ValueError(f"matmul must be one of {('auto', *MATMULS)}, got {matmul!r}")
         self.providers = _resolve_providers(providers)
         on_cuda = self.providers[0] == "CUDAExecutionProvider"
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
         self.layout = self._resolve_layout(layout, attention_impl)
+        if matmul == "auto":  # hgw: int8 activations; accuracy_level 0 asks for float ones, which only ORT has
+            matmul = ("hgw" if self.layout == "fused" and quant == "int4" and block_size == 32
+                      and accuracy_level in (None, 4) else "ort")
+        self.matmul = matmul
         options = BuildOptions(quant=quant, block_size=block_size, accuracy_level=accuracy_level, source=source,
-                               layout=self.layout)
+                               layout=self.layout, matmul=matmul)
         self.model: OnnxModel = build_onnx_model(checkpoint, options, cache_root=cache_root, force=force_build)
         self.config: ModelConfig = self.model.config
         self.attention_impl = attention_impl

@@ -246,6 +246,14 @@ def test_layout_choice(tiny, monkeypatch) -> None:
         OnnxRunner(ckpt, "fp32", cache_root=root, layout="stacked")
     with pytest.raises(ValueError, match="needs layout='split'"):
         OnnxRunner(ckpt, "fp32", cache_root=root, layout="fused", attention_impl="torch")
+    # The block-quantized matmul op wherever it applies (fused, int4, int8 activations), MatMulNBits elsewhere.
+    assert OnnxRunner(ckpt, "int4", cache_root=root).matmul == "hgw"
+    assert OnnxRunner(ckpt, "int4", cache_root=root, accuracy_level=0).matmul == "ort"
+    assert OnnxRunner(ckpt, "int4", cache_root=root, matmul="ort").model.directory.name.endswith("-fused")
+    assert OnnxRunner(ckpt, "int8", cache_root=root).matmul == "ort"
+    assert OnnxRunner(ckpt, "int4", cache_root=root, attention_impl="torch").matmul == "ort"
+    with pytest.raises(ValueError, match="matmul must be one of"):
+        OnnxRunner(ckpt, "int4", cache_root=root, matmul="mlas")
     from edge import ortop
 
     monkeypatch.setattr(ortop, "_path", None)

@@ -2,8 +2,8 @@
 //
 // Header-only and free of any framework, so that every binding shares one implementation:
 //   * paged_decode_cpu.cpp        the PyTorch op (kernels.attention.native), one query per sequence;
-//   * edge/csrc/ort_paged_attention.cpp   the ONNX Runtime custom op of the edge engine's fused graph,
-//                                         any number of new tokens per sequence (prefill chunks too).
+//   * edge/csrc/ort_ops.cpp       the ONNX Runtime custom op of the edge engine's fused graph,
+//                                 any number of new tokens per sequence (prefill chunks too).
 //
 // Cache layout (kernels/kv_cache/layout.py): one layer's K (or V) is [num_blocks, block_size, num_kv_heads,
 // head_dim] with the last two dims contiguous and any block/slot strides. A work item is a "tile": up to a

@@ -1,5 +1,11 @@
-// hybrid_gateway::PagedAttention, an ONNX Runtime custom op (CPU): one decoder layer's attention on the
-// shared paged KV cache, inside the edge engine's single fused graph (edge/builder.py, layout "fused").
+// The edge engine's ONNX Runtime custom ops (CPU), domain hybrid_gateway, used by its single fused graph
+// (edge/builder.py, layout "fused"):
+//
+//   PagedAttention     one decoder layer's attention on the shared paged KV cache
+//   BlockQuantMatMul   y = x @ W^T with W in 4-bit (GGML Q4_0 / Q4_1) or 8-bit (Q8_0) blocks of 32
+//                      (the arithmetic: edge/csrc/block_quant_gemm.h; builder option matmul="hgw")
+//
+// ---- PagedAttention
 //
 // With attention in the graph a whole step is one ONNX Runtime call, instead of a session per layer with
 // Python in between. The cache is a graph input bound to the engine's own torch tensor (no copy); the op
@@ -22,17 +28,27 @@
 // (KernelContext_ParallelFor), the cores the dense ops use.
 //
 // Every index is checked before any memory is touched; a bad one fails the run with ORT_INVALID_ARGUMENT.
+//
+// ---- BlockQuantMatMul
+//
+// Inputs: 0 x float [..., K]; 1 codes uint8 [ceil(N / 8), KB, 128] (bits 4) or [ceil(N / 8), KB, 256] (bits 8);
+// 2 scales float16 [ceil(N / 8), KB, 8]; 3 mins float16 [ceil(N / 8), KB, 8] (bits 4; absent for bits 8), with
+// KB = ceil(K / 32). Output: y float [..., N]. Attributes: K, N, bits. x is quantized per block to int8 once per
+// call; W's 8-row tiles are split over ONNX Runtime's intra-op pool kTilesPerItem at a time.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_c_api.h>
 
+#include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "block_quant_gemm.h"
 #include "paged_attention_cpu.h"
 
 namespace {
@@ -64,10 +80,10 @@ struct Input {
 
 template <typename T>
 Input<T> input(OrtKernelContext* ctx, size_t index, ONNXTensorElementDataType type, size_t ndim, const char* name,
-               const char* shape) {
+               const char* shape, const char* op = "PagedAttention") {
   const OrtValue* value = nullptr;
   HGW_ORT(g_api->KernelContext_GetInput(ctx, index, &value));
-  if (value == nullptr) throw Error(std::string("PagedAttention: input ") + name + " is missing");
+  if (value == nullptr) throw Error(std::string(op) + ": input " + name + " is missing");
   OrtTensorTypeAndShapeInfo* info = nullptr;
   HGW_ORT(g_api->GetTensorTypeAndShape(value, &info));
   ONNXTensorElementDataType got = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
@@ -81,7 +97,7 @@ Input<T> input(OrtKernelContext* ctx, size_t index, ONNXTensorElementDataType ty
   }
   g_api->ReleaseTensorTypeAndShapeInfo(info);
   HGW_ORT(status);
-  if (got != type || n != ndim) throw Error(std::string("PagedAttention: ") + name + " must be " + shape);
+  if (got != type || (ndim != 0 && n != ndim)) throw Error(std::string(op) + ": " + name + " must be " + shape);
   void* data = nullptr;
   HGW_ORT(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
   in.data = static_cast<T*>(data);
@@ -99,7 +115,8 @@ inline void rope(const float* x, const float* cos, const float* sin, int64_t hal
   }
 }
 
-struct Kernel {
+struct AttentionKernel {
+  static constexpr const char* kName = "PagedAttention";
   int64_t layer, num_heads, num_kv_heads;
   float scale;
 
@@ -108,7 +125,7 @@ struct Kernel {
   };
 
   struct Work {
-    const Kernel* kernel;
+    const AttentionKernel* kernel;
     hgw::PagedKV kv;
     hgw::AttendFn attend;
     const Item* items;
@@ -243,30 +260,167 @@ struct Kernel {
     Work work{this, kv, hgw::attend_fn(D, false), items.data(), tables.data, max_blocks, D, H / KVH,
               seq_lens.data, cu.data, q_rot.data(), static_cast<float*>(out_data)};
     if (items.size() > 1 && floats >= kParallelMinFloats) {
-      HGW_ORT(g_api->KernelContext_ParallelFor(ctx, &Kernel::run_item, items.size(), 0, &work));
+      HGW_ORT(g_api->KernelContext_ParallelFor(ctx, &AttentionKernel::run_item, items.size(), 0, &work));
     } else {
       for (size_t i = 0; i < items.size(); ++i) run_item(&work, i);
     }
+  }
+
+  static size_t num_inputs() { return 8; }
+  static ONNXTensorElementDataType input_type(size_t i) {
+    if (i <= 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    if (i <= 6) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  static bool input_optional(size_t) { return false; }
+
+  static AttentionKernel* create(const OrtApi* api, const OrtKernelInfo* info) {
+    auto k = std::make_unique<AttentionKernel>();
+    auto attr = [&](const char* name, int64_t* v) { HGW_ORT(api->KernelInfoGetAttribute_int64(info, name, v)); };
+    attr("layer", &k->layer);
+    attr("num_heads", &k->num_heads);
+    attr("num_kv_heads", &k->num_kv_heads);
+    HGW_ORT(api->KernelInfoGetAttribute_float(info, "scale", &k->scale));
+    if (k->layer < 0 || k->num_kv_heads < 1 || k->num_heads % k->num_kv_heads != 0) {
+      throw Error("PagedAttention: needs layer >= 0 and num_heads a multiple of num_kv_heads >= 1");
+    }
+    return k.release();
+  }
+};
+
+struct BlockQuantMatMulKernel {
+  static constexpr const char* kName = "BlockQuantMatMul";
+  static constexpr int64_t kTilesPerItem = 2;           // 16 weight rows per parallel work item
+  static constexpr int64_t kParallelMinMacs = 1 << 16;  // below this, one thread does it all
+  int64_t k, n, bits, kb, tiles;
+
+  struct Work {
+    hgw::bq::Weights w;
+    hgw::bq::Acts a;
+    const float* x;
+    float* y;
+    int8_t* q;
+    float* scale;
+    float* sums;
+    int64_t m, k, n, tiles;
+  };
+
+  static void quantize_rows(void* data, size_t index) {  // 8 activation rows per item
+    const Work& w = *static_cast<const Work*>(data);
+    const int64_t m0 = static_cast<int64_t>(index) * 8, m1 = std::min<int64_t>(w.m, m0 + 8);
+    hgw::bq::quantize_acts(w.x, w.k, w.k, m0, m1, w.a.kb, w.q, w.scale, w.sums);
+  }
+
+  static void tile_item(void* data, size_t index) {
+    const Work& w = *static_cast<const Work*>(data);
+    const int64_t t0 = static_cast<int64_t>(index) * kTilesPerItem, t1 = std::min<int64_t>(w.tiles, t0 + kTilesPerItem);
+    thread_local std::vector<float> scratch;
+    scratch.resize(static_cast<size_t>(4 * kTilesPerItem * hgw::bq::kTile));
+    hgw::bq::gemm(w.w, w.a, 0, w.m, t0, t1, w.y, w.n, w.n, scratch.data());
+  }
+
+  void compute(OrtKernelContext* ctx) const {
+    const auto x = input<float>(ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 0, "x", "float [..., K]", kName);
+    const int64_t block_bytes = bits == 4 ? 128 : 256;
+    const std::string shape = "[" + str(tiles) + ", " + str(kb) + ", 8]";
+    const std::string codes_shape = "uint8 [" + str(tiles) + ", " + str(kb) + ", " + str(block_bytes) + "]";
+    const auto codes = input<uint8_t>(ctx, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 3, "codes", codes_shape.c_str(),
+                                      kName);
+    const auto scales = input<uint16_t>(ctx, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 3, "scales",
+                                        ("float16 " + shape).c_str(), kName);
+    size_t num_inputs = 0;
+    HGW_ORT(g_api->KernelContext_GetInputCount(ctx, &num_inputs));
+    const OrtValue* mins_value = nullptr;
+    if (num_inputs > 3) HGW_ORT(g_api->KernelContext_GetInput(ctx, 3, &mins_value));
+    Input<uint16_t> mins;
+    if (bits == 4) {
+      if (mins_value == nullptr) throw Error("BlockQuantMatMul: 4-bit weights need input 3, mins");
+      mins = input<uint16_t>(ctx, 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 3, "mins", ("float16 " + shape).c_str(),
+                             kName);
+    } else if (mins_value != nullptr) {
+      throw Error("BlockQuantMatMul: 8-bit weights take no mins");
+    }
+    if (x.dims.empty() || x.dims.back() != k) {
+      throw Error("BlockQuantMatMul: x must be float [..., K=" + str(k) + "]");
+    }
+    const std::vector<int64_t> wdims{tiles, kb, block_bytes}, sdims{tiles, kb, hgw::bq::kTile};
+    if (codes.dims != wdims || scales.dims != sdims || (bits == 4 && mins.dims != sdims)) {
+      throw Error("BlockQuantMatMul: codes must be " + codes_shape + " and scales" + (bits == 4 ? " and mins " : " ") +
+                  "float16 " + shape);
+    }
+    int64_t m = 1;
+    for (size_t i = 0; i + 1 < x.dims.size(); ++i) m *= x.dims[i];
+    std::vector<int64_t> out_dims(x.dims);
+    out_dims.back() = n;
+    OrtValue* out_value = nullptr;
+    HGW_ORT(g_api->KernelContext_GetOutput(ctx, 0, out_dims.data(), out_dims.size(), &out_value));
+    void* out_data = nullptr;
+    HGW_ORT(g_api->GetTensorMutableData(out_value, &out_data));
+    if (m == 0) return;
+
+    thread_local std::vector<int8_t> q;
+    thread_local std::vector<float> scale, sums;
+    q.resize(static_cast<size_t>(m * kb * hgw::bq::kBlock));
+    scale.resize(static_cast<size_t>(m * kb));
+    sums.resize(static_cast<size_t>(m * kb));
+    Work work{hgw::bq::Weights{codes.data, scales.data, bits == 4 ? mins.data : nullptr, kb, static_cast<int>(bits)},
+              hgw::bq::Acts{q.data(), scale.data(), sums.data(), kb},
+              x.data, static_cast<float*>(out_data), q.data(), scale.data(), sums.data(), m, k, n, tiles};
+    const bool parallel = m * n * k >= kParallelMinMacs;
+    const size_t quant_items = static_cast<size_t>((m + 7) / 8);
+    const size_t tile_items = static_cast<size_t>((tiles + kTilesPerItem - 1) / kTilesPerItem);
+    if (parallel && quant_items > 1) {
+      HGW_ORT(g_api->KernelContext_ParallelFor(ctx, &quantize_rows, quant_items, 0, &work));
+    } else {
+      for (size_t i = 0; i < quant_items; ++i) quantize_rows(&work, i);
+    }
+    if (parallel && tile_items > 1) {
+      HGW_ORT(g_api->KernelContext_ParallelFor(ctx, &tile_item, tile_items, 0, &work));
+    } else {
+      for (size_t i = 0; i < tile_items; ++i) tile_item(&work, i);
+    }
+  }
+
+  static size_t num_inputs() { return 4; }
+  static ONNXTensorElementDataType input_type(size_t i) {
+    if (i == 0) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    if (i == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  }
+  static bool input_optional(size_t i) { return i == 3; }
+
+  static BlockQuantMatMulKernel* create(const OrtApi* api, const OrtKernelInfo* info) {
+    auto k = std::make_unique<BlockQuantMatMulKernel>();
+    HGW_ORT(api->KernelInfoGetAttribute_int64(info, "K", &k->k));
+    HGW_ORT(api->KernelInfoGetAttribute_int64(info, "N", &k->n));
+    HGW_ORT(api->KernelInfoGetAttribute_int64(info, "bits", &k->bits));
+    if (k->k < 1 || k->n < 1 || (k->bits != 4 && k->bits != 8)) {
+      throw Error("BlockQuantMatMul: needs K >= 1, N >= 1 and bits 4 or 8");
+    }
+    k->kb = (k->k + hgw::bq::kBlock - 1) / hgw::bq::kBlock;
+    k->tiles = (k->n + hgw::bq::kTile - 1) / hgw::bq::kTile;
+    return k.release();
   }
 };
 
 OrtStatusPtr fail(const std::exception& e) { return g_api->CreateStatus(ORT_INVALID_ARGUMENT, e.what()); }
 
-struct PagedAttentionOp : OrtCustomOp {
-  PagedAttentionOp() {
+// The OrtCustomOp function table of kernel type K (K::kName, num_inputs, input_type, input_optional, create,
+// compute; one float output).
+template <class K>
+struct CustomOp : OrtCustomOp {
+  CustomOp() {
     std::memset(static_cast<OrtCustomOp*>(this), 0, sizeof(OrtCustomOp));
     version = ORT_API_VERSION;
-    GetName = [](const OrtCustomOp*) { return "PagedAttention"; };
+    GetName = [](const OrtCustomOp*) { return K::kName; };
     GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };  // CPU
-    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 8; };
-    GetInputType = [](const OrtCustomOp*, size_t i) {
-      if (i <= 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-      if (i <= 6) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-    };
+    GetInputTypeCount = [](const OrtCustomOp*) { return K::num_inputs(); };
+    GetInputType = [](const OrtCustomOp*, size_t i) { return K::input_type(i); };
     GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
     GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
-    GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+      return K::input_optional(i) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    };
     GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
     GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
     GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
@@ -278,21 +432,7 @@ struct PagedAttentionOp : OrtCustomOp {
     CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
                         void** kernel) -> OrtStatusPtr {
       try {
-        auto k = new Kernel{};
-        auto attr = [&](const char* name, int64_t* v) { HGW_ORT(api->KernelInfoGetAttribute_int64(info, name, v)); };
-        try {
-          attr("layer", &k->layer);
-          attr("num_heads", &k->num_heads);
-          attr("num_kv_heads", &k->num_kv_heads);
-          HGW_ORT(api->KernelInfoGetAttribute_float(info, "scale", &k->scale));
-          if (k->layer < 0 || k->num_kv_heads < 1 || k->num_heads % k->num_kv_heads != 0) {
-            throw Error("PagedAttention: needs layer >= 0 and num_heads a multiple of num_kv_heads >= 1");
-          }
-        } catch (...) {
-          delete k;
-          throw;
-        }
-        *kernel = k;
+        *kernel = K::create(api, info);
         return nullptr;
       } catch (const std::exception& e) {
         return fail(e);
@@ -300,13 +440,13 @@ struct PagedAttentionOp : OrtCustomOp {
     };
     KernelComputeV2 = [](void* kernel, OrtKernelContext* ctx) -> OrtStatusPtr {
       try {
-        static_cast<const Kernel*>(kernel)->compute(ctx);
+        static_cast<const K*>(kernel)->compute(ctx);
         return nullptr;
       } catch (const std::exception& e) {
         return fail(e);
       }
     };
-    KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+    KernelDestroy = [](void* kernel) { delete static_cast<K*>(kernel); };
   }
 };
 
@@ -318,17 +458,20 @@ extern "C" {
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                   const OrtApiBase* api_base) {
   static std::mutex mu;
-  static PagedAttentionOp op;
+  static CustomOp<AttentionKernel> attention;
+  static CustomOp<BlockQuantMatMulKernel> matmul;
   std::lock_guard<std::mutex> lock(mu);
   if (g_api == nullptr) g_api = api_base->GetApi(ORT_API_VERSION);
   if (g_api == nullptr) return nullptr;  // cannot even report: an ONNX Runtime older than these headers
   OrtCustomOpDomain* domain = nullptr;  // one per session options; lives as long as the process
   if (OrtStatus* status = g_api->CreateCustomOpDomain("hybrid_gateway", &domain)) return status;
-  if (OrtStatus* status = g_api->CustomOpDomain_Add(domain, &op)) return status;
+  if (OrtStatus* status = g_api->CustomOpDomain_Add(domain, &attention)) return status;
+  if (OrtStatus* status = g_api->CustomOpDomain_Add(domain, &matmul)) return status;
   return g_api->AddCustomOpDomain(options, domain);
 }
 
 // Lets the Python side check the arithmetic's loop kind without a session.
 __attribute__((visibility("default"))) int hgw_has_avx2() { return hgw::kHaveAvx2 ? 1 : 0; }
+__attribute__((visibility("default"))) int hgw_block_quant_simd() { return hgw::bq::kHaveAvx2 ? 1 : 0; }
 
 }  // extern "C"

@@ -1,0 +1,182 @@
+"""hybrid_gateway::BlockQuantMatMul (edge/csrc/block_quant_gemm.h) against its numpy reference over a grid of
+shapes, in both the SIMD build and the portable one; the weight layout byte by byte; GGUF blocks taken exactly;
+bad inputs refused; and whole tiny GGUF models on it tracking the reference model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import gguf
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QType
+from onnx import TensorProto, helper, numpy_helper
+
+from edge import blockquant as bq
+from edge import ortop
+from edge.builder import BuildOptions
+from edge.runner import OnnxRunner
+from tests.edge.test_repack import tiny_gguf  # noqa: F401 - the module-scoped fixture
+from tests.edge.test_runner import _cache, _greedy, _varlen_steps
+
+pytestmark = pytest.mark.skipif(not ortop.available(), reason="needs a C++ compiler (edge.ortop)")
+
+
+def _session(w: bq.BlockQuantWeight, threads: int = 2, library: str | None = None, *, k: int | None = None,
+             n: int | None = None, bits: int | None = None, arrays=None) -> ort.InferenceSession:
+    codes, scales, mins = arrays or w.packed()
+    inits = [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scales, "scales")]
+    inputs = ["x", "codes", "scales"]
+    if mins is not None:
+        inits.append(numpy_helper.from_array(mins, "mins"))
+        inputs.append("mins")
+    node = helper.make_node("BlockQuantMatMul", inputs, ["y"], domain=ortop.DOMAIN, K=k or w.k, N=n or w.n,
+                            bits=bits or w.bits)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
+                                                                  helper.make_opsetid(ortop.DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(library or str(ortop.library_path()))
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _check(w: bq.BlockQuantWeight, x: np.ndarray, **kwargs) -> None:
+    got = _session(w, **kwargs).run(None, {"x": x})[0]
+    expected = bq.reference_matmul(x, w)
+    assert got.shape == (*x.shape[:-1], w.n)
+    # The integer block sums are exact; only the float sums over blocks run in another order.
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+GRID = list(itertools.product((4, 8), (1, 3, 4, 5, 17, 40), (32, 70, 96, 576), (1, 7, 8, 64, 200)))
+
+
+@pytest.mark.parametrize("bits, m, k, n", GRID, ids=[f"b{b}-m{m}-k{k}-n{n}" for b, m, k, n in GRID])
+def test_op_matches_reference_on_grid(bits: int, m: int, k: int, n: int) -> None:
+    rng = np.random.default_rng(bits * 1000 + m * 100 + k + n)
+    w = bq.quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.05, bits)
+    x = rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.1, 30, size=(m, 1)).astype(np.float32)
+    x[0, : min(k, 5)] = 0.0  # a partly zero block
+    _check(w, x, threads=2 if m * n >= 64 else 1)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_op_takes_any_leading_shape_and_zero_rows(bits: int) -> None:
+    rng = np.random.default_rng(3)
+    w = bq.quantize(rng.standard_normal((24, 64)).astype(np.float32), bits)
+    _check(w, rng.standard_normal((2, 3, 64)).astype(np.float32))
+    assert _session(w).run(None, {"x": np.zeros((0, 64), np.float32)})[0].shape == (0, 24)
+    zero = _session(w).run(None, {"x": np.zeros((3, 64), np.float32)})[0]
+    np.testing.assert_array_equal(zero, np.zeros((3, 24), np.float32))
+
+
+@pytest.fixture(scope="module")
+def scalar_library(tmp_path_factory) -> str:
+    """The op library built without SIMD (-DHGW_BQ_SCALAR): the loop machines without AVX2 run."""
+    include = ortop.include_dir()
+    directory = tmp_path_factory.mktemp("scalar")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ortop, "FLAGS", (*ortop.FLAGS, "-DHGW_BQ_SCALAR"))
+        mp.setattr(ortop, "include_dir", lambda: include)
+        mp.setattr(ortop, "build_dir", lambda includes: directory)
+        return str(ortop._build())
+
+
+@pytest.mark.parametrize("bits, m, k, n", [(4, 1, 96, 7), (4, 5, 70, 64), (8, 1, 576, 9), (8, 6, 64, 16)])
+def test_portable_loop_matches_reference(scalar_library: str, bits: int, m: int, k: int, n: int) -> None:
+    rng = np.random.default_rng(m + k + n)
+    w = bq.quantize(rng.standard_normal((n, k)).astype(np.float32), bits)
+    _check(w, rng.standard_normal((m, k)).astype(np.float32) * 4, library=scalar_library)
+
+
+def test_packed_layout_by_hand() -> None:
+    """Bytes at the positions the kernel comment documents."""
+    rng = np.random.default_rng(5)
+    w4 = bq.quantize(rng.standard_normal((11, 70)).astype(np.float32), 4)
+    codes, scales, mins = w4.packed()
+    assert codes.shape == (2, 3, 128) and scales.shape == mins.shape == (2, 3, 8)
+    for row, b, i in [(0, 0, 0), (3, 1, 5), (7, 2, 31), (8, 0, 13), (10, 2, 20)]:
+        t, r, g, c = row // 8, row % 8, i // 8, i % 8
+        byte = codes[t, b, g * 32 + r * 4 + c % 4]
+        assert (byte & 0x0F if c < 4 else byte >> 4) == w4.codes[row, b, i]
+        assert scales[t, b, r] == w4.scales[row, b] and mins[t, b, r] == w4.mins[row, b]
+    assert not codes[1, :, :].reshape(3, 4, 8, 4)[:, :, 3:].any()  # rows 11..15 are padding
+    w8 = bq.quantize(rng.standard_normal((9, 64)).astype(np.float32), 8)
+    codes8, scales8, mins8 = w8.packed()
+    assert codes8.shape == (2, 2, 256) and mins8 is None
+    for row, b, i in [(0, 0, 0), (5, 1, 30), (8, 1, 7)]:
+        t, r = row // 8, row % 8
+        assert codes8[t, b, (i // 4) * 32 + r * 4 + i % 4].view(np.int8) == w8.codes[row, b, i]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_rounds_to_the_nearest_code(bits: int) -> None:
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((16, 96)).astype(np.float32)
+    w = bq.quantize(weight, bits)
+    step = np.repeat(w.scales.astype(np.float32), 32, axis=1)[:, :96]
+    assert np.all(np.abs(bq.dequantize(w) - weight) <= step / 2 + 1e-3 * np.abs(weight) + 1e-6)
+    assert w.codes.min() >= (0 if bits == 4 else -127) and w.codes.max() <= (15 if bits == 4 else 127)
+
+
+@pytest.mark.parametrize("ggml_type", sorted(bq.BLOCK_TYPES))
+def test_ggml_blocks_are_taken_exactly(ggml_type: str) -> None:
+    rng = np.random.default_rng(8)
+    weight = rng.standard_normal((40, 96)).astype(np.float32) + rng.standard_normal((40, 1)).astype(np.float32)
+    raw = gguf.quants.quantize(weight, QType[ggml_type])
+    w = bq.from_ggml(ggml_type, raw.reshape(40, 3, -1))
+    assert (w.bits, w.mins is None) == (bq.BLOCK_TYPES[ggml_type], ggml_type == "Q8_0")
+    np.testing.assert_array_equal(bq.dequantize(w), gguf.quants.dequantize(raw, QType[ggml_type]))
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    _check(w, x)
+    with pytest.raises(ValueError, match="cannot take GGML type"):
+        bq.from_ggml("Q5_K", raw.reshape(40, 3, -1))
+
+
+def test_bad_inputs_fail_the_run_with_a_clear_error() -> None:
+    rng = np.random.default_rng(9)
+    w = bq.quantize(rng.standard_normal((16, 64)).astype(np.float32), 4)
+    with pytest.raises(Exception, match=r"BlockQuantMatMul: x must be float \[\.\.\., K=64\]"):
+        _session(w).run(None, {"x": np.zeros((2, 32), np.float32)})
+    codes, scales, mins = w.packed()
+    with pytest.raises(Exception, match="BlockQuantMatMul: codes must be"):
+        _session(w, arrays=(codes[:, :1], scales, mins)).run(None, {"x": np.zeros((2, 64), np.float32)})
+    with pytest.raises(Exception, match="4-bit weights need input 3, mins"):
+        _session(w, arrays=(codes, scales, None)).run(None, {"x": np.zeros((2, 64), np.float32)})
+    with pytest.raises(Exception, match="needs K >= 1, N >= 1 and bits 4 or 8"):
+        _session(w, bits=3)
+    with pytest.raises(ValueError, match="cannot fuse"):
+        bq.concat([w, bq.quantize(rng.standard_normal((8, 64)).astype(np.float32), 8)])
+
+
+@pytest.mark.parametrize("options", [dict(layout="split"), dict(quant="int8", layout="fused"),
+                                     dict(layout="fused", accuracy_level=0)])
+def test_build_options_refuse_hgw_where_it_does_not_apply(options) -> None:
+    with pytest.raises(ValueError, match="matmul='hgw'"):
+        BuildOptions(matmul="hgw", **options)
+
+
+def test_runner_on_block_quant_matmul_tracks_reference(tiny_gguf) -> None:  # noqa: F811 - the fixture
+    """GGUF Q4_0 / Q4_1 / Q8_0 tiny models, weights taken as stored, on the fused graph with BlockQuantMatMul:
+    the only difference from the reference model is the int8 rounding of each matmul's input."""
+    ckpt, reference, ggml_type, root = tiny_gguf
+    runner = OnnxRunner(ckpt, "int4", cache_root=root, layout="fused")
+    assert runner.matmul == "hgw"
+    manifest = json.loads((runner.model.directory / "manifest.json").read_text())
+    assert manifest["linear_sources"] == {f"repacked {ggml_type}": 4 * ckpt.config.num_layers + 1}
+    ref_cache, cache = _cache(ckpt.config), _cache(ckpt.config)
+    for step, batch in enumerate(_varlen_steps(ckpt.config.vocab_size)):
+        got, expected = runner.execute(batch, cache), reference.execute(batch, ref_cache)
+        error = (got - expected).abs().max() / expected.std()  # measured up to 0.11 (llama Q8_0)
+        assert error < 0.25, f"{ggml_type} step {step}: max |logit diff| {error:.3f} x std"
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
+    prompt = [5, 17, 99, 3, 250, 42]
+    agree = sum(a == b for a, b in zip(_greedy(runner, prompt, 16), _greedy(reference, prompt, 16), strict=True))
+    assert agree >= 12, agree
+    assert torch.isfinite(cache).all()
