@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                         intra_op_num_threads=args.threads, layout=args.layout,
                         matmul=args.matmul)
     print(f"load/build: {time.perf_counter() - t0:.2f}s (reused cache: {runner.model.reused}), "
-          f"threads={runner.intra_op_num_threads}, layout={runner.layout}, matmul={runner.matmul}, dir={runner.model.directory}")
+          f"threads={runner.intra_op_num_threads}, layout={runner.layout}, matmul={runner.matmul}, "
+          f"dir={runner.model.directory}")
     if runner.host_threads is not None:
         torch.set_num_threads(runner.host_threads)  # as EngineCore does around a step (argmax next to ORT's pool)
     tok = Tokenizer.from_checkpoint(ckpt)

@@ -23,7 +23,8 @@ attention begins::
 
 Linear layers are ``hybrid_gateway::BlockQuantMatMul`` (``matmul="hgw"``, fused int4: GGML's own 4/8-bit
 blocks, see :mod:`edge.blockquant`), ``MatMulNBits`` (com.microsoft; int4 or int8, block-wise asymmetric, see
-:mod:`edge.quantize`) or plain ``MatMul`` for ``quant="fp32"``. The rest of this paragraph is about ``MatMulNBits``. With ``source="auto"`` a GGUF matrix stored
+:mod:`edge.quantize`) or plain ``MatMul`` for ``quant="fp32"``. For ``MatMulNBits``: with ``source="auto"``
+a GGUF matrix stored
 as Q4_0 / Q4_1 / Q8_0 keeps its own codes and scales (:mod:`edge.repack`, lossless; Q4_1 adds a
 ``ReduceSum`` + ``Gemm`` correction for its block mins); other matrices are re-quantized from float.
 q/k/v and gate/up are each fused into one matmul. RMSNorm is ONNX ``RMSNormalization``, or com.microsoft
@@ -34,7 +35,8 @@ quantized (or repacked).
 
 Built models are cached on disk, keyed by checkpoint fingerprint, options and :data:`GRAPH_VERSION`::
 
-    <cache root>/onnx/<fingerprint[:16]>-<quant>[-bs<block_size>-acc<accuracy_level>-<source>]-g<GRAPH_VERSION>[-fused][-hgw]/
+    <cache root>/onnx/<fingerprint[:16]>-<quant>[-bs<block_size>-acc<accuracy_level>-<source>]-g<GRAPH_VERSION>
+        [-fused][-hgw]/
         manifest.json   pre.onnx  pre.onnx.data  layer_000.onnx  layer_000.onnx.data ...  final.onnx  final.onnx.data
         (fused: manifest.json  model.onnx  model.onnx.data)
 
@@ -77,7 +79,7 @@ QUANTS = ("int4", "int8", "fp32")
 SOURCES = ("auto", "fast", "requantize")
 LAYOUTS = ("split", "fused")
 MATMULS = ("ort", "hgw")
-ATTENTION_DOMAIN = "hybrid_gateway"  # edge/csrc/ort_ops.cpp (edge.ortop)
+CUSTOM_DOMAIN = "hybrid_gateway"  # edge/csrc/ort_ops.cpp (edge.ortop)
 _BITS = {"int4": 4, "int8": 8}
 DEFAULT_ACCURACY_LEVEL = {"int4": 4, "int8": 0, "fp32": 0}
 MANIFEST = "manifest.json"
@@ -113,10 +115,11 @@ class BuildOptions:
     attention on the shared paged cache, :mod:`edge.ortop`; CPU only).
 
     ``matmul`` is what runs the quantized linear layers. ``"ort"``: ONNX Runtime's ``MatMulNBits``.
-    ``"hgw"`` (``layout="fused"``, ``quant="int4"``, ``accuracy_level`` 4 only): the ``hybrid_gateway::BlockQuantMatMul`` op of the same
-    custom op library, on GGML's own block formats (:mod:`edge.blockquant`): Q4_0 / Q4_1 / Q8_0 matrices are
-    taken exactly as stored, Q4_1's block mins included (so ``source="fast"`` is the same as ``"auto"``), and
-    every other matrix is quantized to Q4_1-style 4-bit blocks. Its batch-1 loop reads the weights at ~20 GB/s
+    ``"hgw"`` (``layout="fused"``, ``quant="int4"``, ``accuracy_level`` 4 only): the
+    ``hybrid_gateway::BlockQuantMatMul`` op of the same custom op library, on GGML's own block formats
+    (:mod:`edge.blockquant`): Q4_0 / Q4_1 / Q8_0 matrices are taken exactly as stored, Q4_1's block mins
+    included (so ``source="fast"`` is the same as ``"auto"``), and every other matrix is quantized to
+    Q4_1-style 4-bit blocks. Its batch-1 loop reads the weights at ~20 GB/s
     where ``MatMulNBits`` reaches ~15-19 on our machines.
 
     >>> BuildOptions(quant="int8").key("0123456789abcdef0123")
@@ -199,7 +202,7 @@ def build_onnx_model(checkpoint: Checkpoint | str | os.PathLike[str], options: B
     """Build the graphs for ``checkpoint`` (or reuse the cached build) and return where they are.
 
     >>> model = build_onnx_model("SmolLM2-135M-Instruct.Q4_1.gguf", BuildOptions(quant="int4"))  # doctest: +SKIP
-    >>> model.paths[0].name
+    >>> model.paths[0].name  # doctest: +SKIP
     'pre.onnx'
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
@@ -372,8 +375,8 @@ class _Graph:
     def save(self, path: Path) -> None:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
-        if any(n.domain == ATTENTION_DOMAIN for n in self.nodes):
-            opsets.append(helper.make_opsetid(ATTENTION_DOMAIN, 1))
+        if any(n.domain == CUSTOM_DOMAIN for n in self.nodes):
+            opsets.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
         model = helper.make_model(graph, ir_version=IR_VERSION, producer_name="hybrid-gateway.edge",
                                   opset_imports=opsets)
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -388,7 +391,7 @@ class _Graph:
             inputs = [x, self.init(prefix + "_codes", codes), self.init(prefix + "_scales", scales)]
             if mins is not None:
                 inputs.append(self.init(prefix + "_mins", mins))
-            self.node("BlockQuantMatMul", inputs, [out], domain=ATTENTION_DOMAIN, K=weight.k, N=weight.n,
+            self.node("BlockQuantMatMul", inputs, [out], domain=CUSTOM_DOMAIN, K=weight.k, N=weight.n,
                       bits=weight.bits)
         elif isinstance(weight, np.ndarray) and self.options.quant == "fp32":
             self.node("MatMul", [x, self.init(prefix + "_wT", weight.T.astype(np.float32))], [out])
@@ -503,7 +506,7 @@ class _Graph:
         for layer in range(c.num_layers):
             weight, bias = w.qkv(layer)
             qkv = self.linear(h, weight, f"l{layer}_qkv", bias)
-            attn = self.node("PagedAttention", [qkv, cos, sin, *meta], [f"l{layer}_attn"], domain=ATTENTION_DOMAIN,
+            attn = self.node("PagedAttention", [qkv, cos, sin, *meta], [f"l{layer}_attn"], domain=CUSTOM_DOMAIN,
                              layer=layer, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
                              scale=float(c.head_dim ** -0.5))[0]
             if layer < c.num_layers - 1:

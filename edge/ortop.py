@@ -3,11 +3,12 @@
 The fused graph (:mod:`edge.builder`, layout ``"fused"``) runs a whole step in one ONNX Runtime call, with
 each layer's attention as a ``hybrid_gateway::PagedAttention`` node on the shared paged KV cache, and (builder
 option ``matmul="hgw"``) its linear layers as ``hybrid_gateway::BlockQuantMatMul`` nodes
-(``csrc/block_quant_gemm.h``). The ops are C++ compiled against ONNX Runtime's C API header, ``onnxruntime_c_api.h``, which the ``onnxruntime-gpu``
-wheel does not ship. The header comes from Debian's ``libonnxruntime-dev`` package (ONNX Runtime 1.21,
-MIT; a C API header of an older release works with every newer runtime), downloaded once, checked
-against its sha256 and unpacked into the cache; ``$HYBRID_GATEWAY_ORT_INCLUDE`` points at a directory
-holding ``onnxruntime_c_api.h`` instead, for machines without network access.
+(``csrc/block_quant_gemm.h``). The ops are C++ compiled against ONNX Runtime's C API header,
+``onnxruntime_c_api.h``, which the ``onnxruntime-gpu`` wheel does not ship. The header comes from Debian's
+``libonnxruntime-dev`` package (ONNX Runtime 1.21, MIT; a C API header of an older release works with
+every newer runtime), downloaded once, checked against its sha256 and unpacked into the cache;
+``$HYBRID_GATEWAY_ORT_INCLUDE`` points at a directory holding ``onnxruntime_c_api.h`` instead,
+for machines without network access.
 
 The library is compiled with the system C++ compiler (``-O3 -march=native``, no torch, no ONNX Runtime
 link: the API comes through the function table ONNX Runtime hands over) into
@@ -129,8 +130,9 @@ def include_dir() -> Path:
 
 def build_dir(includes: Path) -> Path:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), MATMUL_HEADER.read_bytes(), CORE_HEADER.read_bytes(), (includes / "onnxruntime_c_api.h").read_bytes(),
-                 repr(FLAGS).encode(), native._cpu_signature().encode()):
+    for part in (SOURCE.read_bytes(), MATMUL_HEADER.read_bytes(), CORE_HEADER.read_bytes(),
+                 (includes / "onnxruntime_c_api.h").read_bytes(), repr(FLAGS).encode(),
+                 native._cpu_signature().encode()):
         digest.update(part)
     return cache_dir().parent / "ext" / f"{NAME}-{digest.hexdigest()[:16]}"
 
@@ -173,7 +175,8 @@ def library_path() -> Path | None:
                 lines = str(exc).strip().splitlines()
                 _error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
         if _error is not None and not _error.startswith("disabled"):
-            log.warning("ONNX Runtime custom ops unavailable (%s); the edge runner uses the split graphs", _error)
+            log.warning("ONNX Runtime custom ops unavailable (%s); the edge runner uses the split graphs",
+                        _error)
         return _path
 
 

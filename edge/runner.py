@@ -83,7 +83,8 @@ class OnnxRunner:
     ``checkpoint`` is a :class:`Checkpoint` or a path :func:`kernels.checkpoints.load_checkpoint` opens; the
     graphs are built (or reused) by :func:`edge.builder.build_onnx_model` with ``quant``, ``block_size``,
     ``accuracy_level``, ``source`` and ``matmul`` (see :class:`edge.builder.BuildOptions`; ``matmul="auto"`` takes
-    ``"hgw"``, the custom block-quantized matmul, wherever it applies: the fused layout, int4, int8 activations). ``intra_op_num_threads`` defaults to the
+    ``"hgw"``, the custom block-quantized matmul, wherever it applies: the fused layout, int4, int8 activations).
+    ``intra_op_num_threads`` defaults to the
     physical cores; above 1 it sizes ORT's process-wide pool, which the first runner creates and later ones
     share (``self.intra_op_num_threads`` says the size in force). ``providers`` defaults to CUDA when torch
     sees a GPU, else CPU. ``attention_threads`` is torch's thread count during a CPU step (``None`` leaves it).

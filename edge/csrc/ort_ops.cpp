@@ -296,10 +296,9 @@ struct BlockQuantMatMulKernel {
 
   struct Work {
     hgw::bq::Weights w;
-    hgw::bq::Acts a;
     const float* x;
     float* y;
-    int8_t* q;
+    int8_t* q;  // x quantized: codes, block scales and sums (hgw::bq::Acts)
     float* scale;
     float* sums;
     int64_t m, k, n, tiles;
@@ -308,26 +307,23 @@ struct BlockQuantMatMulKernel {
   static void quantize_rows(void* data, size_t index) {  // 8 activation rows per item
     const Work& w = *static_cast<const Work*>(data);
     const int64_t m0 = static_cast<int64_t>(index) * 8, m1 = std::min<int64_t>(w.m, m0 + 8);
-    hgw::bq::quantize_acts(w.x, w.k, w.k, m0, m1, w.a.kb, w.q, w.scale, w.sums);
+    hgw::bq::quantize_acts(w.x, w.k, w.k, m0, m1, w.w.kb, w.q, w.scale, w.sums);
   }
 
   static void tile_item(void* data, size_t index) {
     const Work& w = *static_cast<const Work*>(data);
     const int64_t t0 = static_cast<int64_t>(index) * kTilesPerItem, t1 = std::min<int64_t>(w.tiles, t0 + kTilesPerItem);
-    thread_local std::vector<float> scratch;
-    scratch.resize(static_cast<size_t>(4 * kTilesPerItem * hgw::bq::kTile));
-    hgw::bq::gemm(w.w, w.a, 0, w.m, t0, t1, w.y, w.n, w.n, scratch.data());
+    alignas(32) float scratch[4 * kTilesPerItem * hgw::bq::kTile];
+    hgw::bq::gemm(w.w, hgw::bq::Acts{w.q, w.scale, w.sums, w.w.kb}, 0, w.m, t0, t1, w.y, w.n, w.n, scratch);
   }
 
   void compute(OrtKernelContext* ctx) const {
     const auto x = input<float>(ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 0, "x", "float [..., K]", kName);
-    const int64_t block_bytes = bits == 4 ? 128 : 256;
-    const std::string shape = "[" + str(tiles) + ", " + str(kb) + ", 8]";
-    const std::string codes_shape = "uint8 [" + str(tiles) + ", " + str(kb) + ", " + str(block_bytes) + "]";
-    const auto codes = input<uint8_t>(ctx, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 3, "codes", codes_shape.c_str(),
-                                      kName);
+    // Shapes are spelled out only when they are wrong: this runs for every linear layer of every step.
+    const auto codes = input<uint8_t>(ctx, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 3, "codes",
+                                      "uint8 [N / 8 tiles, K / 32 blocks, 128 or 256]", kName);
     const auto scales = input<uint16_t>(ctx, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 3, "scales",
-                                        ("float16 " + shape).c_str(), kName);
+                                        "float16 [N / 8 tiles, K / 32 blocks, 8]", kName);
     size_t num_inputs = 0;
     HGW_ORT(g_api->KernelContext_GetInputCount(ctx, &num_inputs));
     const OrtValue* mins_value = nullptr;
@@ -335,18 +331,23 @@ struct BlockQuantMatMulKernel {
     Input<uint16_t> mins;
     if (bits == 4) {
       if (mins_value == nullptr) throw Error("BlockQuantMatMul: 4-bit weights need input 3, mins");
-      mins = input<uint16_t>(ctx, 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 3, "mins", ("float16 " + shape).c_str(),
-                             kName);
+      mins = input<uint16_t>(ctx, 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 3, "mins",
+                             "float16 [N / 8 tiles, K / 32 blocks, 8]", kName);
     } else if (mins_value != nullptr) {
       throw Error("BlockQuantMatMul: 8-bit weights take no mins");
     }
     if (x.dims.empty() || x.dims.back() != k) {
       throw Error("BlockQuantMatMul: x must be float [..., K=" + str(k) + "]");
     }
-    const std::vector<int64_t> wdims{tiles, kb, block_bytes}, sdims{tiles, kb, hgw::bq::kTile};
-    if (codes.dims != wdims || scales.dims != sdims || (bits == 4 && mins.dims != sdims)) {
-      throw Error("BlockQuantMatMul: codes must be " + codes_shape + " and scales" + (bits == 4 ? " and mins " : " ") +
-                  "float16 " + shape);
+    const int64_t block_bytes = bits == 4 ? 128 : 256;
+    auto is = [](const std::vector<int64_t>& dims, int64_t a, int64_t b, int64_t c) {
+      return dims[0] == a && dims[1] == b && dims[2] == c;
+    };
+    if (!is(codes.dims, tiles, kb, block_bytes) || !is(scales.dims, tiles, kb, hgw::bq::kTile) ||
+        (bits == 4 && !is(mins.dims, tiles, kb, hgw::bq::kTile))) {
+      throw Error("BlockQuantMatMul: codes must be uint8 [" + str(tiles) + ", " + str(kb) + ", " + str(block_bytes) +
+                  "] and scales" + (bits == 4 ? " and mins " : " ") + "float16 [" + str(tiles) + ", " + str(kb) +
+                  ", 8]");
     }
     int64_t m = 1;
     for (size_t i = 0; i + 1 < x.dims.size(); ++i) m *= x.dims[i];
@@ -364,7 +365,6 @@ struct BlockQuantMatMulKernel {
     scale.resize(static_cast<size_t>(m * kb));
     sums.resize(static_cast<size_t>(m * kb));
     Work work{hgw::bq::Weights{codes.data, scales.data, bits == 4 ? mins.data : nullptr, kb, static_cast<int>(bits)},
-              hgw::bq::Acts{q.data(), scale.data(), sums.data(), kb},
               x.data, static_cast<float*>(out_data), q.data(), scale.data(), sums.data(), m, k, n, tiles};
     const bool parallel = m * n * k >= kParallelMinMacs;
     const size_t quant_items = static_cast<size_t>((m + 7) / 8);
