@@ -11,6 +11,10 @@ No torch export: every node is written with ``onnx.helper``. Attention always ru
       -> embed -> RMSNorm -> [QKV -> PagedAttention(layer i) -> o_proj + residual -> RMSNorm -> MLP + residual
       -> RMSNorm] x L (the last layer's MLP on the sampled rows only) -> LM head -> logits [num_sampled, vocab]
 
+With ``matmul="hgw"`` every RMSNorm (and the residual add before it) and the SwiGLU are prologues of the
+``BlockQuantMatMul`` node that consumes them, so a layer is five nodes: QKV (norm), PagedAttention, o_proj,
+gate/up (residual add + norm), down (SwiGLU).
+
 ``layout="split"`` (any device; the CUDA path): attention is *not* in the graphs; it runs between them
 through ``kernels.attention``. One step runs ``num_layers + 1`` graphs, each ending where a layer's
 attention begins::
@@ -71,14 +75,15 @@ from kernels.checkpoints import Checkpoint, GGUFCheckpoint, ModelConfig, load_ch
 from kernels.checkpoints.store import cache_dir
 from kernels.model import rope_inv_freq
 
-GRAPH_VERSION = 4  # 2: GGUF Q4_0/Q4_1/Q8_0 repacked losslessly (BuildOptions.source); 3: Q4_1 block sums by MatMul;
-# 4: BuildOptions.matmul ("hgw": hybrid_gateway::BlockQuantMatMul, 8-row tiles)
+GRAPH_VERSION = 5  # 2: GGUF Q4_0/Q4_1/Q8_0 repacked losslessly (BuildOptions.source); 3: Q4_1 block sums by MatMul;
+# 4: BuildOptions.matmul ("hgw": hybrid_gateway::BlockQuantMatMul, 8-row tiles); 5: hgw fuses norms and SwiGLU in
 OPSET = 23  # RotaryEmbedding
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would default to 14
 QUANTS = ("int4", "int8", "fp32")
 SOURCES = ("auto", "fast", "requantize")
 LAYOUTS = ("split", "fused")
 MATMULS = ("ort", "hgw")
+LM_HEADS = ("auto", "int4")
 CUSTOM_DOMAIN = "hybrid_gateway"  # edge/csrc/ort_ops.cpp (edge.ortop)
 _BITS = {"int4": 4, "int8": 8}
 DEFAULT_ACCURACY_LEVEL = {"int4": 4, "int8": 0, "fp32": 0}
@@ -88,6 +93,7 @@ Quant = Literal["int4", "int8", "fp32"]
 Source = Literal["auto", "fast", "requantize"]
 Layout = Literal["split", "fused"]
 Matmul = Literal["ort", "hgw"]
+LmHead = Literal["auto", "int4"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +128,16 @@ class BuildOptions:
     Q4_1-style 4-bit blocks. Its batch-1 loop reads the weights at ~20 GB/s
     where ``MatMulNBits`` reaches ~15-19 on our machines.
 
+    ``lm_head`` is how the LM head is stored. ``"auto"``: like every other matrix (a GGUF's own blocks with
+    ``source="auto"``; SmolLM2's tied Q8_0 head is then 30 MB, a third of what batch-1 decode reads per token).
+    ``"int4"``: re-quantized to 4-bit blocks (Q4_1-style for ``"hgw"``, ``MatMulNBits`` int4 for ``"ort"``), as
+    onnxruntime-genai's int4 builds do: ~12 MB fewer a token, at some agreement with the reference (a second
+    rounding of an 8-bit head). Not for ``quant="fp32"``.
+
     >>> BuildOptions(quant="int8").key("0123456789abcdef0123")
-    '0123456789abcdef-int8-bs32-acc0-auto-g4'
+    '0123456789abcdef-int8-bs32-acc0-auto-g5'
     >>> BuildOptions(layout="fused").key("0123456789abcdef0123")
-    '0123456789abcdef-int4-bs32-acc4-auto-g4-fused'
+    '0123456789abcdef-int4-bs32-acc4-auto-g5-fused'
     """
 
     quant: Quant = "int4"
@@ -134,6 +146,7 @@ class BuildOptions:
     source: Source = "auto"
     layout: Layout = "split"
     matmul: Matmul = "ort"
+    lm_head: LmHead = "auto"
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -150,6 +163,9 @@ class BuildOptions:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.matmul not in MATMULS:
             raise ValueError(f"matmul must be one of {MATMULS}, got {self.matmul!r}")
+        if self.lm_head not in LM_HEADS or (self.lm_head == "int4" and self.quant == "fp32"):
+            raise ValueError(f"lm_head must be one of {LM_HEADS} ('int4' not with quant='fp32'), got "
+                             f"{self.lm_head!r} with quant={self.quant!r}")
         if self.matmul == "hgw" and (self.layout != "fused" or self.quant != "int4" or self.block_size != 32
                                      or self.accuracy_level != 4):
             raise ValueError(f"matmul='hgw' runs in the fused graph's custom op library on int4 weights in blocks of "
@@ -162,7 +178,8 @@ class BuildOptions:
         return _BITS.get(self.quant)
 
     def key(self, fingerprint: str) -> str:
-        suffix = ("-fused" if self.layout == "fused" else "") + ("-hgw" if self.matmul == "hgw" else "")
+        suffix = (("-fused" if self.layout == "fused" else "") + ("-hgw" if self.matmul == "hgw" else "")
+                  + ("-head4" if self.lm_head == "int4" else ""))
         if self.quant == "fp32":
             return f"{fingerprint[:16]}-fp32-g{GRAPH_VERSION}{suffix}"
         return (f"{fingerprint[:16]}-{self.quant}-bs{self.block_size}-acc{self.accuracy_level}-{self.source}"
@@ -294,8 +311,15 @@ class _WeightReader:
     def get(self, name: str) -> np.ndarray:
         return self.ckpt.get_tensor(name, dtype=torch.float32).numpy()
 
-    def linear(self, *names: str) -> np.ndarray | RepackedWeight | BlockQuantWeight:
-        """The matrices ``names`` stacked along N (rows)."""
+    def linear(self, *names: str, requantize: bool = False) -> np.ndarray | RepackedWeight | BlockQuantWeight:
+        """The matrices ``names`` stacked along N (rows); ``requantize``: 4-bit blocks from the float values, never
+        the stored ones."""
+        if requantize:
+            matrix = np.concatenate([self.get(n) for n in names], axis=0)
+            self.sources["requantized int4"] = self.sources.get("requantized int4", 0) + 1
+            if self.options.matmul == "hgw":
+                return blockquant.quantize(matrix, 4)
+            return RepackedWeight(quantize_blockwise(matrix, 4, self.options.block_size), None)
         types = {self.stored_types[n] for n in names}
         if self.options.matmul == "hgw":
             return self._block_quant(names, types)
@@ -332,8 +356,9 @@ class _WeightReader:
         p = f"model.layers.{layer}.mlp."
         return self.linear(p + "gate_proj.weight", p + "up_proj.weight")
 
-    def lm_head(self) -> np.ndarray | RepackedWeight:
-        return self.linear("model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
+    def lm_head(self) -> np.ndarray | RepackedWeight | BlockQuantWeight:
+        return self.linear("model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight",
+                           requantize=self.options.lm_head == "int4")
 
 
 class _Graph:
@@ -387,12 +412,7 @@ class _Graph:
         """x [T, K] @ weight[N, K]^T (+ bias) -> [T, N]."""
         out = f"{prefix}_out"
         if isinstance(weight, BlockQuantWeight):
-            codes, scales, mins = weight.packed()
-            inputs = [x, self.init(prefix + "_codes", codes), self.init(prefix + "_scales", scales)]
-            if mins is not None:
-                inputs.append(self.init(prefix + "_mins", mins))
-            self.node("BlockQuantMatMul", inputs, [out], domain=CUSTOM_DOMAIN, K=weight.k, N=weight.n,
-                      bits=weight.bits)
+            out = self.block_quant(x, weight, prefix)
         elif isinstance(weight, np.ndarray) and self.options.quant == "fp32":
             self.node("MatMul", [x, self.init(prefix + "_wT", weight.T.astype(np.float32))], [out])
         else:
@@ -416,6 +436,30 @@ class _Graph:
         if bias is not None:
             out = self.node("Add", [out, self.init(prefix + "_bias", bias.astype(np.float32))], [prefix + "_biased"])[0]
         return out
+
+    def block_quant(self, x: str, weight: BlockQuantWeight, prefix: str, *, gamma: np.ndarray | None = None,
+                    skip: str | None = None, keep_sum: bool = True, swiglu: bool = False) -> str | tuple[str, str]:
+        """``hybrid_gateway::BlockQuantMatMul`` with its prologue fused in (edge/csrc/ort_ops.cpp): ``gamma``:
+        RMSNorm(x (+ skip)) @ W^T, and with ``skip`` and ``keep_sum`` also the sum x + skip, returned as (out, sum);
+        ``swiglu``: x is [T, 2K] = [gate, up] and silu(gate) * up @ W^T."""
+        codes, scales, mins = weight.packed()
+        inputs = [x, self.init(prefix + "_codes", codes), self.init(prefix + "_scales", scales),
+                  self.init(prefix + "_mins", mins) if mins is not None else ""]
+        attrs: dict = {"K": weight.k, "N": weight.n, "bits": weight.bits}
+        outputs = [f"{prefix}_out"]
+        if gamma is not None:
+            inputs.append(self.init(prefix + "_gamma", gamma.astype(np.float32)))
+            attrs.update(prologue=1, epsilon=float(self.config.rms_norm_eps))
+            if skip is not None:
+                inputs.append(skip)
+                if keep_sum:
+                    outputs.append(f"{prefix}_sum")
+        elif swiglu:
+            attrs["prologue"] = 2
+        while inputs[-1] == "":
+            inputs.pop()
+        self.node("BlockQuantMatMul", inputs, outputs, domain=CUSTOM_DOMAIN, **attrs)
+        return outputs[0] if len(outputs) == 1 else (outputs[0], outputs[1])
 
     def rms_norm(self, x: str, weight: np.ndarray, prefix: str) -> str:
         return self.node("RMSNormalization", [x, self.init(prefix + "_gamma", weight)], [prefix + "_out"],
@@ -502,6 +546,9 @@ class _Graph:
         residual = self.node("Gather", [self.init("embed_tokens", w.get("model.embed_tokens.weight")), ids],
                              ["embedded"])[0]
         cos, sin = self.rope_rows(positions)
+        if self.options.matmul == "hgw":
+            self._fused_block_quant_layers(w, residual, cos, sin, idx, meta, progress, task)
+            return
         h = self.rms_norm(residual, w.get("model.layers.0.input_layernorm.weight"), "l0_input_norm")
         for layer in range(c.num_layers):
             weight, bias = w.qkv(layer)
@@ -519,6 +566,41 @@ class _Graph:
             progress.update(task, description=f"Building model.onnx, layer {layer + 1}/{c.num_layers} "
                                               f"({self.options.quant})")
         logits = self.linear(h, w.lm_head(), "lm_head")
+        self.node("Identity", [logits], ["logits"])
+        self.output("logits", TensorProto.FLOAT, ["S", c.vocab_size])
+
+    def _fused_block_quant_layers(self, w: _WeightReader, embedded: str, cos: str, sin: str, idx: str,
+                                  meta: list[str], progress: Progress, task) -> None:
+        """The fused graph's layers on ``BlockQuantMatMul`` with every norm and SwiGLU inside a matmul node: per
+        layer QKV (input norm, and the residual add before it), PagedAttention, o_proj, gate/up (post-attention
+        norm and residual add), down (SwiGLU): five nodes where the unfused graph has nine."""
+        c = self.config
+        x, skip = embedded, None  # the residual stream is x + skip, summed by the next normed matmul
+        for layer in range(c.num_layers):
+            p = f"model.layers.{layer}."
+            weight, bias = w.qkv(layer)
+            gamma = w.get(p + "input_layernorm.weight")
+            if skip is None:
+                qkv, residual = self.block_quant(x, weight, f"l{layer}_qkv", gamma=gamma), x
+            else:
+                qkv, residual = self.block_quant(x, weight, f"l{layer}_qkv", gamma=gamma, skip=skip)
+            if bias is not None:
+                qkv = self.node("Add", [qkv, self.init(f"l{layer}_qkv_bias", bias.astype(np.float32))],
+                                [f"l{layer}_qkv_biased"])[0]
+            attn = self.node("PagedAttention", [qkv, cos, sin, *meta], [f"l{layer}_attn"], domain=CUSTOM_DOMAIN,
+                             layer=layer, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                             scale=float(c.head_dim ** -0.5))[0]
+            if layer == c.num_layers - 1:  # only the sampled rows need the rest
+                attn = self.node("Gather", [attn, idx], ["attn_rows"], axis=0)[0]
+                residual = self.node("Gather", [residual, idx], ["residual_rows"], axis=0)[0]
+            o = self.block_quant(attn, w.linear(p + "self_attn.o_proj.weight"), f"l{layer}_o")
+            gu, skip = self.block_quant(o, w.gate_up(layer), f"l{layer}_gate_up",
+                                        gamma=w.get(p + "post_attention_layernorm.weight"), skip=residual)
+            x = self.block_quant(gu, w.linear(p + "mlp.down_proj.weight"), f"l{layer}_down", swiglu=True)
+            progress.update(task, description=f"Building model.onnx, layer {layer + 1}/{c.num_layers} "
+                                              f"({self.options.quant}, BlockQuantMatMul)")
+        logits = self.block_quant(x, w.lm_head(), "lm_head", gamma=w.get("model.norm.weight"), skip=skip,
+                                  keep_sum=False)
         self.node("Identity", [logits], ["logits"])
         self.output("logits", TensorProto.FLOAT, ["S", c.vocab_size])
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from edge.runner import OnnxRunner, Quant, Source
+from edge.runner import LmHead, OnnxRunner, Quant, Source
 from kernels.async_engine import AsyncEngine
 from kernels.checkpoints import load_checkpoint
 from kernels.checkpoints.store import resolve_model
@@ -59,15 +59,17 @@ class EdgeEngine(AsyncEngine):
     @classmethod
     def from_model(cls, model: str | os.PathLike[str] | None = None, *, quant: Quant = "int4",
                    config: EngineConfig | None = None, threads: int | None = None,
-                   cache_root: Path | None = None, source: Source = "auto") -> EdgeEngine:
+                   cache_root: Path | None = None, source: Source = "auto", lm_head: LmHead = "auto") -> EdgeEngine:
         """Build (or reuse from the on-disk cache) the ONNX model for ``model`` and wrap it in an engine.
 
         Without ``config`` the engine uses :func:`default_block_size` for its device. ``source`` is
-        :class:`edge.builder.BuildOptions`' (``"auto"``: GGUF blocks exactly; ``"fast"``: Q4_1 re-quantized).
+        :class:`edge.builder.BuildOptions`' (``"auto"``: GGUF blocks exactly; ``"fast"``: Q4_1 re-quantized), and
+        so is ``lm_head`` (``"int4"``: the LM head re-quantized to 4 bits, faster, less exact).
         """
         path = resolve_model(model)
         checkpoint = load_checkpoint(path)
-        runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads, cache_root=cache_root, source=source)
+        runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads, cache_root=cache_root, source=source,
+                            lm_head=lm_head)
         tokenizer = Tokenizer.from_checkpoint(checkpoint)
         config = config or EngineConfig(block_size=default_block_size(runner.device))
         if runner.device.type == "cuda":

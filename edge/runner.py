@@ -32,7 +32,7 @@ import onnxruntime as ort
 import torch
 
 from edge import ortop
-from edge.builder import LAYOUTS, MATMULS, BuildOptions, OnnxModel, Quant, Source, build_onnx_model
+from edge.builder import LAYOUTS, MATMULS, BuildOptions, LmHead, OnnxModel, Quant, Source, build_onnx_model
 from kernels.attention import IMPLS, attention_kv, resolve_impl
 from kernels.checkpoints import Checkpoint, ModelConfig
 from kernels.runner import ModelInput
@@ -82,8 +82,9 @@ class OnnxRunner:
 
     ``checkpoint`` is a :class:`Checkpoint` or a path :func:`kernels.checkpoints.load_checkpoint` opens; the
     graphs are built (or reused) by :func:`edge.builder.build_onnx_model` with ``quant``, ``block_size``,
-    ``accuracy_level``, ``source`` and ``matmul`` (see :class:`edge.builder.BuildOptions`; ``matmul="auto"`` takes
-    ``"hgw"``, the custom block-quantized matmul, wherever it applies: the fused layout, int4, int8 activations).
+    ``accuracy_level``, ``source``, ``matmul`` and ``lm_head`` (see :class:`edge.builder.BuildOptions`;
+    ``matmul="auto"`` takes ``"hgw"``, the custom block-quantized matmul, wherever it applies: the fused layout,
+    int4, int8 activations).
     ``intra_op_num_threads`` defaults to the
     physical cores; above 1 it sizes ORT's process-wide pool, which the first runner creates and later ones
     share (``self.intra_op_num_threads`` says the size in force). ``providers`` defaults to CUDA when torch
@@ -97,7 +98,7 @@ class OnnxRunner:
     def __init__(self, checkpoint: Checkpoint | str | os.PathLike[str], quant: Quant = "int4", *,
                  block_size: int = 32, accuracy_level: int | None = None, source: Source = "auto",
                  intra_op_num_threads: int | None = None, providers: Sequence[str] | None = None,
-                 attention_impl: str = "auto", layout: str = "auto", matmul: str = "auto",
+                 attention_impl: str = "auto", layout: str = "auto", matmul: str = "auto", lm_head: LmHead = "auto",
                  attention_threads: int | None = 1, cache_root: Path | None = None,
                  force_build: bool = False) -> None:
         if attention_impl not in IMPLS:
@@ -119,7 +120,7 @@ class OnnxRunner:
                       and accuracy_level in (None, 4) else "ort")
         self.matmul = matmul
         options = BuildOptions(quant=quant, block_size=block_size, accuracy_level=accuracy_level, source=source,
-                               layout=self.layout, matmul=matmul)
+                               layout=self.layout, matmul=matmul, lm_head=lm_head)
         self.model: OnnxModel = build_onnx_model(checkpoint, options, cache_root=cache_root, force=force_build)
         self.config: ModelConfig = self.model.config
         self.attention_impl = attention_impl

@@ -158,7 +158,8 @@ async def _start_edge(settings: GatewaySettings) -> Backend:
                           max_num_batched_tokens=settings.edge_max_batched_tokens,
                           kv_cache_bytes=settings.edge_kv_cache_mb << 20)
     engine = await asyncio.to_thread(EdgeEngine.from_model, settings.edge_model, quant=settings.edge_quant,
-                                     config=config, threads=settings.edge_threads, source=settings.edge_source)
+                                     config=config, threads=settings.edge_threads, source=settings.edge_source,
+                                     lm_head=settings.edge_lm_head)
     return InProcessBackend(engine, name="edge")
 
 

@@ -164,6 +164,9 @@ def bench_edge(
     = "auto",
     matmul: Annotated[str, typer.Option(help="What runs the int4 linear layers: auto | hgw (our block-quantized "
                                              "matmul op) | ort (ONNX Runtime's MatMulNBits).")] = "auto",
+    lm_head: Annotated[str, typer.Option(help="LM head: auto (stored like the other weights) | int4 (re-quantized "
+                                              "to 4 bits, as onnxruntime-genai's int4 builds; less exact).")]
+    = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads for ours and every peer (default: cores).")] = None,
     peers: Annotated[str, typer.Option(help="Comma-separated peers to run if installed "
                                              "(set up with `python bench/peers/setup.py`); empty = none.")]
@@ -193,7 +196,8 @@ def bench_edge(
     use_global_thread_pool(threads)  # as `serve` does: one ORT pool for all sessions
     checkpoint = load_checkpoint(resolve_model(model, console=err_console))
     try:
-        runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads, source=source, matmul=matmul)
+        runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads, source=source, matmul=matmul,
+                            lm_head=lm_head)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
@@ -202,7 +206,7 @@ def bench_edge(
                           enable_prefix_caching=prefix_caching)
     core = EngineCore(runner, tokenizer, config, checkpoint.fingerprint)
     describe = {"engine": "hybrid-gateway edge", "quant": quant, "source": source, "threads": threads,
-                "layout": runner.layout, "matmul": runner.matmul,
+                "layout": runner.layout, "matmul": runner.matmul, "lm_head": lm_head,
                 "weights_bytes": decode_bytes_per_token(runner.model.paths, runner.config), "block_size": block_size,
                 "prefix_caching": prefix_caching}
     protocol = {"new_tokens": new_tokens, "repeats": repeats,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kernels.errors import InvalidRequestError
@@ -63,6 +64,15 @@ class SamplingParams:
         return g
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` of a 2-d float tensor, through numpy on CPU: torch's CPU argmax is not vectorised
+    (measured on our 2-core machines, one thread: 84 us for one row of a 49,152-token vocabulary vs 6 us in
+    numpy, 1.07 ms vs 65 us for 16 rows). Both give the first of equal maxima and treat NaN as the largest."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+        return torch.from_numpy(x.numpy().argmax(-1).astype(np.int64, copy=False))
+    return x.argmax(dim=-1)
+
+
 class Sampler:
     """Turns a batch of logits into next tokens.
 
@@ -87,7 +97,7 @@ class Sampler:
         generators = generators or [None] * len(params)
         logits = logits.float()
         greedy = torch.tensor([p.is_greedy for p in params], device=logits.device)
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax_rows(logits)
         if bool(greedy.all()):
             return tokens
         rows = (~greedy).nonzero().flatten()
@@ -96,7 +106,7 @@ class Sampler:
         noise = torch.empty_like(probs)
         for j, i in enumerate(rows.tolist()):
             noise[j].exponential_(generator=generators[i] or self.generator)
-        tokens[rows] = (probs / noise).argmax(dim=-1)
+        tokens[rows] = argmax_rows(probs / noise)
         return tokens
 
     @staticmethod

@@ -35,6 +35,13 @@
 // 2 scales float16 [ceil(N / 8), KB, 8]; 3 mins float16 [ceil(N / 8), KB, 8] (bits 4; absent for bits 8), with
 // KB = ceil(K / 32). Output: y float [..., N]. Attributes: K, N, bits. x is quantized per block to int8 once per
 // call; W's 8-row tiles are split over ONNX Runtime's intra-op pool kTilesPerItem at a time.
+//
+// Optional prologue (attribute prologue, default 0), applied to each row of x just before it is quantized; at
+// batch 1 the nodes it replaces cost more than their arithmetic (ORT dispatch, one more pass over memory each):
+//   1 RMSNorm:  s = x (+ skip, input 5, the shape of x); the op multiplies s by gamma (input 4, float [K]) /
+//               sqrt(mean(s^2) + epsilon) (attribute epsilon). Output 1 (optional, needs skip) = s, the residual
+//               stream (what SkipSimplifiedLayerNormalization's output 3 is).
+//   2 SwiGLU:   x is [..., 2K] = [gate, up]; the op uses silu(gate) * up.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_c_api.h>
@@ -273,6 +280,8 @@ struct AttentionKernel {
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
   }
   static bool input_optional(size_t) { return false; }
+  static size_t num_outputs() { return 1; }
+  static bool output_optional(size_t) { return false; }
 
   static AttentionKernel* create(const OrtApi* api, const OrtKernelInfo* info) {
     auto k = std::make_unique<AttentionKernel>();
@@ -288,11 +297,61 @@ struct AttentionKernel {
   }
 };
 
+// ---- BlockQuantMatMul's prologues, one activation row at a time
+
+// s = x (+ skip) -> sum_out (when given); out = s * gamma / sqrt(mean(s^2) + eps).
+inline void add_rms_norm_row(const float* x, const float* skip, const float* gamma, int64_t k, float eps,
+                             float* sum_out, float* out) {
+  const float* s = x;
+  if (skip != nullptr) {
+    float* dst = sum_out != nullptr ? sum_out : out;
+    for (int64_t i = 0; i < k; ++i) dst[i] = x[i] + skip[i];
+    s = dst;
+  }
+  float ss = 0.0f;
+  int64_t i = 0;
+#if HGW_BQ_AVX2
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (; i + 32 <= k; i += 32) {
+    for (int j = 0; j < 4; ++j) {
+      const __m256 v = _mm256_loadu_ps(s + i + 8 * j);
+      acc[j] = _mm256_fmadd_ps(v, v, acc[j]);
+    }
+  }
+  ss = hgw::hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+#endif
+  for (; i < k; ++i) ss += s[i] * s[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(k) + eps);
+  for (i = 0; i < k; ++i) out[i] = s[i] * inv * gamma[i];
+}
+
+// out = silu(gate) * up for gu = [gate (k), up (k)]; sigmoid from e^-|g| (never overflows).
+inline void swiglu_row(const float* gu, int64_t k, float* out) {
+  const float* up = gu + k;
+  int64_t i = 0;
+#if HGW_BQ_AVX2
+  const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= k; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gu + i);
+    const __m256 e = hgw::exp_nonpositive(_mm256_or_ps(g, sign));  // e^-|g|
+    const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+    const __m256 sig = _mm256_blendv_ps(r, _mm256_mul_ps(e, r), g);  // g < 0 (sign bit set): e / (1 + e)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+  }
+#endif
+  for (; i < k; ++i) {
+    const float g = gu[i], e = std::exp(-std::fabs(g)), r = 1.0f / (1.0f + e);
+    out[i] = g * (g < 0.0f ? e * r : r) * up[i];
+  }
+}
+
 struct BlockQuantMatMulKernel {
   static constexpr const char* kName = "BlockQuantMatMul";
   static constexpr int64_t kTilesPerItem = 2;           // 16 weight rows per parallel work item
   static constexpr int64_t kParallelMinMacs = 1 << 16;  // below this, one thread does it all
-  int64_t k, n, bits, kb, tiles;
+  enum Prologue : int64_t { kNone = 0, kRmsNorm = 1, kSwiGLU = 2 };
+  int64_t k, n, bits, kb, tiles, prologue = kNone;
+  float epsilon = 1e-6f;
 
   struct Work {
     hgw::bq::Weights w;
@@ -302,12 +361,32 @@ struct BlockQuantMatMulKernel {
     float* scale;
     float* sums;
     int64_t m, k, n, tiles;
+    int64_t prologue, ldx;  // ldx: x's row length (2K for SwiGLU)
+    const float* gamma;
+    const float* skip;
+    float* sum_out;
+    float epsilon;
   };
 
   static void quantize_rows(void* data, size_t index) {  // 8 activation rows per item
     const Work& w = *static_cast<const Work*>(data);
     const int64_t m0 = static_cast<int64_t>(index) * 8, m1 = std::min<int64_t>(w.m, m0 + 8);
-    hgw::bq::quantize_acts(w.x, w.k, w.k, m0, m1, w.w.kb, w.q, w.scale, w.sums);
+    if (w.prologue == kNone) {
+      hgw::bq::quantize_acts(w.x, w.k, w.k, m0, m1, w.w.kb, w.q, w.scale, w.sums);
+      return;
+    }
+    thread_local std::vector<float> row;
+    row.resize(static_cast<size_t>(w.k));
+    for (int64_t m = m0; m < m1; ++m) {
+      if (w.prologue == kRmsNorm) {
+        add_rms_norm_row(w.x + m * w.ldx, w.skip != nullptr ? w.skip + m * w.k : nullptr, w.gamma, w.k, w.epsilon,
+                         w.sum_out != nullptr ? w.sum_out + m * w.k : nullptr, row.data());
+      } else {
+        swiglu_row(w.x + m * w.ldx, w.k, row.data());
+      }
+      const int64_t at = m * w.w.kb;
+      hgw::bq::quantize_acts(row.data(), w.k, w.k, 0, 1, w.w.kb, w.q + at * hgw::bq::kBlock, w.scale + at, w.sums + at);
+    }
   }
 
   static void tile_item(void* data, size_t index) {
@@ -336,8 +415,29 @@ struct BlockQuantMatMulKernel {
     } else if (mins_value != nullptr) {
       throw Error("BlockQuantMatMul: 8-bit weights take no mins");
     }
-    if (x.dims.empty() || x.dims.back() != k) {
-      throw Error("BlockQuantMatMul: x must be float [..., K=" + str(k) + "]");
+    const int64_t ldx = prologue == kSwiGLU ? 2 * k : k;
+    if (x.dims.empty() || x.dims.back() != ldx) {
+      throw Error(prologue == kSwiGLU ? "BlockQuantMatMul: x must be float [..., 2K=" + str(ldx) + "] (SwiGLU: gate, up)"
+                                      : "BlockQuantMatMul: x must be float [..., K=" + str(k) + "]");
+    }
+    const float* gamma = nullptr;
+    const float* skip = nullptr;
+    size_t num_outputs = 0;
+    HGW_ORT(g_api->KernelContext_GetOutputCount(ctx, &num_outputs));
+    if (prologue == kRmsNorm) {
+      const auto g = input<float>(ctx, 4, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1, "gamma", "float [K]", kName);
+      if (g.dims[0] != k) throw Error("BlockQuantMatMul: gamma must be float [K=" + str(k) + "]");
+      gamma = g.data;
+      const OrtValue* skip_value = nullptr;
+      if (num_inputs > 5) HGW_ORT(g_api->KernelContext_GetInput(ctx, 5, &skip_value));
+      if (skip_value != nullptr) {
+        const auto sk = input<float>(ctx, 5, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 0, "skip", "float [..., K]", kName);
+        if (sk.dims != x.dims) throw Error("BlockQuantMatMul: skip must have the shape of x");
+        skip = sk.data;
+      }
+    }
+    if (num_outputs > 1 && skip == nullptr) {
+      throw Error("BlockQuantMatMul: output 1 (x + skip) needs prologue 1 (RMSNorm) and input 5, skip");
     }
     const int64_t block_bytes = bits == 4 ? 128 : 256;
     auto is = [](const std::vector<int64_t>& dims, int64_t a, int64_t b, int64_t c) {
@@ -357,6 +457,12 @@ struct BlockQuantMatMulKernel {
     HGW_ORT(g_api->KernelContext_GetOutput(ctx, 0, out_dims.data(), out_dims.size(), &out_value));
     void* out_data = nullptr;
     HGW_ORT(g_api->GetTensorMutableData(out_value, &out_data));
+    void* sum_data = nullptr;
+    if (num_outputs > 1) {
+      OrtValue* sum_value = nullptr;
+      HGW_ORT(g_api->KernelContext_GetOutput(ctx, 1, x.dims.data(), x.dims.size(), &sum_value));
+      HGW_ORT(g_api->GetTensorMutableData(sum_value, &sum_data));
+    }
     if (m == 0) return;
 
     thread_local std::vector<int8_t> q;
@@ -365,7 +471,8 @@ struct BlockQuantMatMulKernel {
     scale.resize(static_cast<size_t>(m * kb));
     sums.resize(static_cast<size_t>(m * kb));
     Work work{hgw::bq::Weights{codes.data, scales.data, bits == 4 ? mins.data : nullptr, kb, static_cast<int>(bits)},
-              x.data, static_cast<float*>(out_data), q.data(), scale.data(), sums.data(), m, k, n, tiles};
+              x.data, static_cast<float*>(out_data), q.data(), scale.data(), sums.data(), m, k, n, tiles,
+              prologue, ldx, gamma, skip, static_cast<float*>(sum_data), epsilon};
     const bool parallel = m * n * k >= kParallelMinMacs;
     const size_t quant_items = static_cast<size_t>((m + 7) / 8);
     const size_t tile_items = static_cast<size_t>((tiles + kTilesPerItem - 1) / kTilesPerItem);
@@ -381,21 +488,29 @@ struct BlockQuantMatMulKernel {
     }
   }
 
-  static size_t num_inputs() { return 4; }
+  static size_t num_inputs() { return 6; }
   static ONNXTensorElementDataType input_type(size_t i) {
-    if (i == 0) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     if (i == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    if (i == 2 || i == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // x, gamma, skip
   }
-  static bool input_optional(size_t i) { return i == 3; }
+  static bool input_optional(size_t i) { return i >= 3; }
+  static size_t num_outputs() { return 2; }
+  static bool output_optional(size_t i) { return i == 1; }
 
   static BlockQuantMatMulKernel* create(const OrtApi* api, const OrtKernelInfo* info) {
     auto k = std::make_unique<BlockQuantMatMulKernel>();
     HGW_ORT(api->KernelInfoGetAttribute_int64(info, "K", &k->k));
     HGW_ORT(api->KernelInfoGetAttribute_int64(info, "N", &k->n));
     HGW_ORT(api->KernelInfoGetAttribute_int64(info, "bits", &k->bits));
+    // Optional attributes: a missing one is an error status, released, and the default stands.
+    if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "prologue", &k->prologue)) api->ReleaseStatus(status);
+    if (OrtStatus* status = api->KernelInfoGetAttribute_float(info, "epsilon", &k->epsilon)) api->ReleaseStatus(status);
     if (k->k < 1 || k->n < 1 || (k->bits != 4 && k->bits != 8)) {
       throw Error("BlockQuantMatMul: needs K >= 1, N >= 1 and bits 4 or 8");
+    }
+    if (k->prologue < kNone || k->prologue > kSwiGLU || !(k->epsilon >= 0.0f)) {
+      throw Error("BlockQuantMatMul: prologue must be 0 (none), 1 (RMSNorm) or 2 (SwiGLU), epsilon >= 0");
     }
     k->kb = (k->k + hgw::bq::kBlock - 1) / hgw::bq::kBlock;
     k->tiles = (k->n + hgw::bq::kTile - 1) / hgw::bq::kTile;
@@ -405,8 +520,8 @@ struct BlockQuantMatMulKernel {
 
 OrtStatusPtr fail(const std::exception& e) { return g_api->CreateStatus(ORT_INVALID_ARGUMENT, e.what()); }
 
-// The OrtCustomOp function table of kernel type K (K::kName, num_inputs, input_type, input_optional, create,
-// compute; one float output).
+// The OrtCustomOp function table of kernel type K (K::kName, num_inputs, input_type, input_optional, num_outputs,
+// output_optional, create, compute; float outputs).
 template <class K>
 struct CustomOp : OrtCustomOp {
   CustomOp() {
@@ -416,12 +531,14 @@ struct CustomOp : OrtCustomOp {
     GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };  // CPU
     GetInputTypeCount = [](const OrtCustomOp*) { return K::num_inputs(); };
     GetInputType = [](const OrtCustomOp*, size_t i) { return K::input_type(i); };
-    GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+    GetOutputTypeCount = [](const OrtCustomOp*) { return K::num_outputs(); };
     GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
     GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
       return K::input_optional(i) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
-    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetOutputCharacteristic = [](const OrtCustomOp*, size_t i) {
+      return K::output_optional(i) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    };
     GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
     GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
     GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };

@@ -76,6 +76,102 @@ def test_op_takes_any_leading_shape_and_zero_rows(bits: int) -> None:
     np.testing.assert_array_equal(zero, np.zeros((3, 24), np.float32))
 
 
+def _prologue_session(w: bq.BlockQuantWeight, prologue: int, gamma: np.ndarray | None = None, *, skip: bool = False,
+                      keep_sum: bool = False, library: str | None = None, eps: float = 1e-5) -> ort.InferenceSession:
+    """BlockQuantMatMul with prologue 1 (RMSNorm: inputs x (+ skip), gamma; output 1 = x + skip with keep_sum)
+    or 2 (SwiGLU: x [..., 2K]); the unused mins slot of an 8-bit weight is left empty ("")."""
+    codes, scales, mins = w.packed()
+    inits = [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scales, "scales")]
+    inputs = ["x", "codes", "scales", ""]
+    if mins is not None:
+        inits.append(numpy_helper.from_array(mins, "mins"))
+        inputs[3] = "mins"
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    outputs = ["y"]
+    if gamma is not None:
+        inits.append(numpy_helper.from_array(gamma, "gamma"))
+        inputs.append("gamma")
+    if skip:
+        inputs.append("skip")
+        graph_inputs.append(helper.make_tensor_value_info("skip", TensorProto.FLOAT, None))
+    if keep_sum:
+        outputs.append("sum")
+    while inputs[-1] == "":
+        inputs.pop()
+    node = helper.make_node("BlockQuantMatMul", inputs, outputs, domain=ortop.DOMAIN, K=w.k, N=w.n, bits=w.bits,
+                            prologue=prologue, epsilon=eps)
+    graph = helper.make_graph([node], "g", graph_inputs,
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
+                                                                  helper.make_opsetid(ortop.DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(library or str(ortop.library_path()))
+    so.intra_op_num_threads = 2
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _rms_norm(s: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
+    return (s / np.sqrt(np.mean(s.astype(np.float64) ** 2, axis=-1, keepdims=True) + eps) * gamma).astype(np.float32)
+
+
+def _swiglu(gu: np.ndarray) -> np.ndarray:
+    gate, up = np.split(gu.astype(np.float64), 2, axis=-1)
+    return (gate / (1.0 + np.exp(-gate)) * up).astype(np.float32)
+
+
+def _close(got: np.ndarray, expected: np.ndarray) -> None:
+    # The prologue's float row may differ from numpy's in the last bit, which can move one int8 activation code
+    # by one step (~1/127 of its block's largest value); a wrong prologue is off by O(1) of the output's range.
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=3e-3 * np.abs(expected).max())
+
+
+PROLOGUE_GRID = list(itertools.product((4, 8), (1, 5, 9), (64, 96, 576), (False, True)))
+
+
+@pytest.mark.parametrize("bits, m, k, skip", PROLOGUE_GRID, ids=[f"b{b}-m{m}-k{k}-{'skip' if s else 'x'}"
+                                                                 for b, m, k, s in PROLOGUE_GRID])
+def test_rms_norm_prologue_matches_norm_then_matmul(bits: int, m: int, k: int, skip: bool) -> None:
+    rng = np.random.default_rng(bits + m + k + skip)
+    w = bq.quantize(rng.standard_normal((40, k)).astype(np.float32) * 0.05, bits)
+    gamma = rng.uniform(0.2, 2.0, k).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32) * 3
+    r = rng.standard_normal((m, k)).astype(np.float32) * 5
+    feeds = {"x": x, "skip": r} if skip else {"x": x}
+    outs = _prologue_session(w, 1, gamma, skip=skip, keep_sum=skip).run(None, feeds)
+    s = x + r if skip else x
+    _close(outs[0], bq.reference_matmul(_rms_norm(s, gamma, 1e-5), w))
+    if skip:
+        np.testing.assert_array_equal(outs[1], s)  # the residual stream, bit for bit
+
+
+@pytest.mark.parametrize("bits, m, k", [(4, 1, 64), (4, 5, 576), (8, 3, 96), (4, 9, 1536)])
+def test_swiglu_prologue_matches_activation_then_matmul(bits: int, m: int, k: int) -> None:
+    rng = np.random.default_rng(bits * m + k)
+    w = bq.quantize(rng.standard_normal((24, k)).astype(np.float32) * 0.05, bits)
+    gu = rng.standard_normal((m, 2 * k)).astype(np.float32) * 4
+    gu[0, :3] = [-120.0, 120.0, 0.0]  # e^-|g| underflows, and a zero gate
+    _close(_prologue_session(w, 2).run(None, {"x": gu})[0], bq.reference_matmul(_swiglu(gu), w))
+
+
+def test_prologues_refuse_bad_inputs() -> None:
+    rng = np.random.default_rng(4)
+    w = bq.quantize(rng.standard_normal((16, 64)).astype(np.float32), 4)
+    with pytest.raises(Exception, match=r"x must be float \[\.\.\., 2K=128\] \(SwiGLU: gate, up\)"):
+        _prologue_session(w, 2).run(None, {"x": np.zeros((2, 64), np.float32)})
+    with pytest.raises(Exception, match=r"gamma must be float \[K=64\]"):
+        _prologue_session(w, 1, np.ones(32, np.float32)).run(None, {"x": np.zeros((2, 64), np.float32)})
+    with pytest.raises(Exception, match="input gamma is missing"):
+        _prologue_session(w, 1).run(None, {"x": np.zeros((2, 64), np.float32)})
+    with pytest.raises(Exception, match="skip must have the shape of x"):
+        _prologue_session(w, 1, np.ones(64, np.float32), skip=True).run(
+            None, {"x": np.zeros((2, 64), np.float32), "skip": np.zeros((3, 64), np.float32)})
+    with pytest.raises(Exception, match=r"output 1 \(x \+ skip\) needs prologue 1"):
+        _prologue_session(w, 1, np.ones(64, np.float32), keep_sum=True).run(None, {"x": np.zeros((2, 64), np.float32)})
+    with pytest.raises(Exception, match="prologue must be 0"):
+        _prologue_session(w, 3)
+
+
 @pytest.fixture(scope="module")
 def scalar_library(tmp_path_factory) -> str:
     """The op library built without SIMD (-DHGW_BQ_SCALAR): the loop machines without AVX2 run."""
@@ -93,6 +189,20 @@ def test_portable_loop_matches_reference(scalar_library: str, bits: int, m: int,
     rng = np.random.default_rng(m + k + n)
     w = bq.quantize(rng.standard_normal((n, k)).astype(np.float32), bits)
     _check(w, rng.standard_normal((m, k)).astype(np.float32) * 4, library=scalar_library)
+
+
+def test_portable_prologues_match_reference(scalar_library: str) -> None:
+    rng = np.random.default_rng(12)
+    w = bq.quantize(rng.standard_normal((16, 96)).astype(np.float32) * 0.05, 4)
+    gamma = rng.uniform(0.5, 1.5, 96).astype(np.float32)
+    x, r = rng.standard_normal((2, 3, 96)).astype(np.float32) * 3
+    y, total = _prologue_session(w, 1, gamma, skip=True, keep_sum=True, library=scalar_library).run(
+        None, {"x": x, "skip": r})
+    _close(y, bq.reference_matmul(_rms_norm(x + r, gamma, 1e-5), w))
+    np.testing.assert_array_equal(total, x + r)
+    gu = rng.standard_normal((3, 192)).astype(np.float32) * 4
+    _close(_prologue_session(w, 2, library=scalar_library).run(None, {"x": gu})[0],
+           bq.reference_matmul(_swiglu(gu), w))
 
 
 def test_packed_layout_by_hand() -> None:
@@ -180,3 +290,27 @@ def test_runner_on_block_quant_matmul_tracks_reference(tiny_gguf) -> None:  # no
     agree = sum(a == b for a, b in zip(_greedy(runner, prompt, 16), _greedy(reference, prompt, 16), strict=True))
     assert agree >= 12, agree
     assert torch.isfinite(cache).all()
+
+
+@pytest.mark.parametrize("matmul, layout", [("hgw", "fused"), ("ort", "split")])
+def test_int4_lm_head_is_requantized_and_tracks_reference(tiny_gguf, matmul: str, layout: str) -> None:  # noqa: F811
+    """lm_head="int4": the head re-quantized to 4 bits whatever it is stored as, every other matrix as stored."""
+    ckpt, reference, ggml_type, root = tiny_gguf
+    runner = OnnxRunner(ckpt, "int4", cache_root=root, layout=layout, matmul=matmul, lm_head="int4")
+    assert runner.model.directory.name.endswith("-head4")
+    manifest = json.loads((runner.model.directory / "manifest.json").read_text())
+    assert manifest["linear_sources"] == {f"repacked {ggml_type}": 4 * ckpt.config.num_layers,
+                                          "requantized int4": 1}
+    ref_cache, cache = _cache(ckpt.config), _cache(ckpt.config)
+    for step, batch in enumerate(_varlen_steps(ckpt.config.vocab_size)):
+        got, expected = runner.execute(batch, cache), reference.execute(batch, ref_cache)
+        error = (got - expected).abs().max() / expected.std()  # measured up to 0.42 (MatMulNBits, Q4_1)
+        assert error < 0.75, f"{ggml_type} step {step}: max |logit diff| {error:.3f} x std"
+
+
+def test_lm_head_option_is_checked() -> None:
+    assert BuildOptions(layout="fused", matmul="hgw", lm_head="int4").key("f" * 20).endswith("-fused-hgw-head4")
+    with pytest.raises(ValueError, match="lm_head must be one of"):
+        BuildOptions(quant="fp32", lm_head="int4")
+    with pytest.raises(ValueError, match="lm_head must be one of"):
+        BuildOptions(lm_head="int2")

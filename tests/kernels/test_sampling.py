@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.errors import InvalidRequestError
-from kernels.sampling import Sampler, SamplingParams
+from kernels.sampling import Sampler, SamplingParams, argmax_rows
 
 VOCAB = 50
 
@@ -112,3 +112,14 @@ def test_stop_string_is_normalised_to_tuple():
 def test_logits_must_match_batch():
     with pytest.raises(ValueError, match="do not match"):
         Sampler()(torch.zeros(2, VOCAB), [SamplingParams()])
+
+
+def test_argmax_rows_is_torch_argmax() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 1000, generator=g)
+    x[1, [10, 20]] = 50.0  # ties: the first
+    x[2, 5] = float("nan")  # NaN counts as the largest
+    x[3] = 0.0
+    for t in (x, x[:, ::3], x.t().contiguous().t(), x.to(torch.bfloat16), torch.empty(0, 5)):
+        got = argmax_rows(t)
+        assert got.dtype == torch.int64 and got.tolist() == t.argmax(-1).tolist()
