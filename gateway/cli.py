@@ -173,6 +173,9 @@ def bench_edge(
     = "ortgenai,transformers,llamacpp",
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 64,
     repeats: Annotated[int, typer.Option(help="Measured runs per figure (median reported).")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="Batch-1 decode rounds of ours and every peer, alternating who "
+                                                    "goes first; the median per-round ratio is reported "
+                                                    "(a shared machine's load moves between engines).")] = 1,
     concurrency: Annotated[str, typer.Option(help="Comma-separated concurrent request counts.")] = "4,16,64",
     prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths for TTFT.")] = "16,128,512",
     block_size: Annotated[int | None, typer.Option(help="KV block size in tokens (default: 4 on CPU, 16 on GPU).")]
@@ -213,7 +216,8 @@ def bench_edge(
                 "concurrency": [int(c) for c in concurrency.split(",") if c],
                 "prompt_lengths": [int(n) for n in prompt_lengths.split(",") if n]}
     run_edge_bench(core, tokenizer, describe, peers=[p for p in peers.split(",") if p],
-                   protocol_overrides=protocol, out_dir=out_dir, threads=threads, console=err_console)
+                   protocol_overrides=protocol, out_dir=out_dir, threads=threads, console=err_console,
+                   rounds=rounds)
 
 
 @bench_app.command("cloud")
