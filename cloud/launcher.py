@@ -68,6 +68,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def reaped_exitcode(proc: mp.Process, timeout: float = 2.0) -> int | None:
+    """The exit code of a child whose sentinel is ready. The sentinel fires when the child's pipes close,
+    which can be a moment before it can be reaped; and when another thread (a join in ``kill``) reaps it
+    first, this thread's ``waitpid`` fails with ECHILD and reads None until that thread has stored the code.
+    So wait up to ``timeout`` s for a code instead of reporting None (seen once in CI under load)."""
+    deadline = time.monotonic() + timeout
+    proc.join(timeout)
+    while proc.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return proc.exitcode
+
+
 def exit_reason(rank: int, pid: int | None, exitcode: int | None) -> str:
     return f"cloud rank {rank} (pid {pid}) exited with code {exitcode}; shutting down the cloud engine"
 
@@ -127,8 +139,7 @@ class WorkerGroup:
             return None
         rank = by_sentinel[ready[0]]
         proc = self.processes[rank]
-        proc.join(1.0)
-        return rank, proc.pid, proc.exitcode
+        return rank, proc.pid, reaped_exitcode(proc)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Wait up to ``timeout`` s for the children to exit on their own, then kill what is left."""
@@ -163,8 +174,7 @@ class ProcessMonitor(threading.Thread):
             return
         rank = next(sentinels[s] for s in ready if s in sentinels)
         proc = self.workers.processes[rank]
-        proc.join(1.0)
-        self.on_exit(rank, proc.pid, proc.exitcode)
+        self.on_exit(rank, proc.pid, reaped_exitcode(proc))
 
     def stop(self) -> None:
         """From now on child exits are expected (shutdown); returns once the thread is done."""
