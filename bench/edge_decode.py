@@ -1,7 +1,7 @@
 """Batch-1 greedy decode speed of the edge runner (ONNX Runtime dense parts + kernels attention).
 
     python bench/edge_decode.py --quant int4 --new-tokens 64 --threads 2 [--global-pool] [--batches 1,16,64]
-        [--layout auto|fused|split] [--matmul auto|ort|hgw] [--lm-head auto|int4]
+        [--layout auto|fused|split] [--matmul auto|ort|hgw] [--lm-head auto|stored|int4|rescore]
 
 Prints prefill time, decode tok/s and a per-step breakdown of a decode step: time inside ONNX Runtime
 (sessions replayed alone on the same bound buffers), time inside ``kernels.attention`` (the layer calls
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=100)
     parser.add_argument("--layout", default="auto", choices=("auto", "fused", "split"))
     parser.add_argument("--matmul", default="auto", choices=("auto", "ort", "hgw"))
-    parser.add_argument("--lm-head", default="auto", choices=("auto", "int4"))
+    parser.add_argument("--lm-head", default="auto", choices=("auto", "stored", "int4", "rescore"))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                         matmul=args.matmul, lm_head=args.lm_head)
     print(f"load/build: {time.perf_counter() - t0:.2f}s (reused cache: {runner.model.reused}), "
           f"threads={runner.intra_op_num_threads}, layout={runner.layout}, matmul={runner.matmul}, "
+          f"lm_head={runner.lm_head}, "
           f"dir={runner.model.directory}")
     if runner.host_threads is not None:
         torch.set_num_threads(runner.host_threads)  # as EngineCore does around a step (argmax next to ORT's pool)

@@ -97,13 +97,20 @@ class EnginePeer:
 def decode_bytes_per_token(graph_paths: Sequence[Path], config) -> int:
     """Weight bytes one batch-1 decode step reads: every initializer except the row-gathered tables.
 
-    The embedding table and the RoPE cos/sin tables are read one row per token, so they count as one row.
+    The embedding table and the RoPE cos/sin tables are read one row per token, so they count as one row. A
+    rescored LM head's 8-bit copy (``BlockQuantMatMul`` inputs 6, 7) counts as the ``rescore`` 8-row tiles a token
+    reads of it, at most.
     """
     import onnx
 
     total = 0
     for path in graph_paths:
         graph = onnx.load(str(path), load_external_data=False).graph
+        tiles_read: dict[str, int] = {}
+        for node in graph.node:
+            rescore = next((a.i for a in node.attribute if a.name == "rescore"), 0)
+            if node.op_type == "BlockQuantMatMul" and rescore > 0 and len(node.input) > 7:
+                tiles_read.update({node.input[6]: rescore, node.input[7]: rescore})
         for init in graph.initializer:
             ext = {e.key: e.value for e in init.external_data}
             nbytes = int(ext["length"]) if "length" in ext else len(init.raw_data)
@@ -111,6 +118,8 @@ def decode_bytes_per_token(graph_paths: Sequence[Path], config) -> int:
             if dims and dims[0] in (config.vocab_size, config.max_position_embeddings) and len(dims) == 2 \
                     and path.name == graph_paths[0].name:
                 nbytes //= dims[0]  # gathered: one row per token
+            elif init.name in tiles_read:  # [tiles, blocks, bytes]: a tile per rescored logit, at most
+                nbytes = nbytes * min(tiles_read[init.name], dims[0]) // dims[0]
             total += nbytes
     return total
 

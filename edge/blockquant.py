@@ -77,6 +77,38 @@ class BlockQuantWeight:
         return packed, tiled(self.scales), None if self.mins is None else tiled(self.mins)
 
 
+@dataclass(frozen=True, slots=True)
+class RescoredHead:
+    """An LM head read at 4 bits and kept exact at 8 (``BlockQuantMatMul``'s ``rescore``): ``scan`` gives every
+    logit, then each row's ``top`` largest, and the rest of their 8-row tiles, are computed again from ``exact``."""
+
+    scan: BlockQuantWeight  # 4-bit
+    exact: BlockQuantWeight  # 8-bit, the same [n, k]
+    top: int
+
+    def __post_init__(self) -> None:
+        if (self.scan.bits, self.exact.bits) != (4, 8) or (self.scan.n, self.scan.k) != (self.exact.n, self.exact.k):
+            raise ValueError(f"a rescored head needs a 4-bit scan and an 8-bit exact weight of one shape, got "
+                             f"{self.scan.bits}-bit [{self.scan.n}, {self.scan.k}] and {self.exact.bits}-bit "
+                             f"[{self.exact.n}, {self.exact.k}]")
+        if self.top < 1:
+            raise ValueError(f"top must be >= 1, got {self.top}")
+
+
+def reference_rescored(x: np.ndarray, head: RescoredHead) -> np.ndarray:
+    """What ``BlockQuantMatMul`` with ``rescore=head.top`` computes for ``x [m, k]`` (up to float summation order
+    and ties at the ``top``-th value): the 4-bit logits, with the tiles holding each row's ``top`` best from the
+    8-bit weights."""
+    y = reference_matmul(x, head.scan)
+    exact = reference_matmul(x, head.exact)
+    top = min(head.top, head.scan.n)
+    for m in range(y.shape[0]):
+        best = np.argpartition(-y[m], top - 1)[:top]
+        for t in np.unique(best // TILE):
+            y[m, t * TILE:(t + 1) * TILE] = exact[m, t * TILE:(t + 1) * TILE]
+    return y
+
+
 def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
     if a.shape[0] == rows:
         return a

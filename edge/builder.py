@@ -68,22 +68,24 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from edge import blockquant
-from edge.blockquant import BlockQuantWeight
+from edge.blockquant import BlockQuantWeight, RescoredHead
 from edge.quantize import check_quant_params, quantize_blockwise
 from edge.repack import GGML_BLOCK_SIZE, REPACKABLE_TYPES, RepackedWeight, concat_repacked, repack_blocks
 from kernels.checkpoints import Checkpoint, GGUFCheckpoint, ModelConfig, load_checkpoint
 from kernels.checkpoints.store import cache_dir
 from kernels.model import rope_inv_freq
 
-GRAPH_VERSION = 5  # 2: GGUF Q4_0/Q4_1/Q8_0 repacked losslessly (BuildOptions.source); 3: Q4_1 block sums by MatMul;
-# 4: BuildOptions.matmul ("hgw": hybrid_gateway::BlockQuantMatMul, 8-row tiles); 5: hgw fuses norms and SwiGLU in
+GRAPH_VERSION = 6  # 2: GGUF Q4_0/Q4_1/Q8_0 repacked losslessly (BuildOptions.source); 3: Q4_1 block sums by MatMul;
+# 4: BuildOptions.matmul ("hgw": hybrid_gateway::BlockQuantMatMul, 8-row tiles); 5: hgw fuses norms and SwiGLU in;
+# 6: lm_head "auto" rescores an 8-bit head's best logits after a 4-bit scan (hgw)
 OPSET = 23  # RotaryEmbedding
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would default to 14
 QUANTS = ("int4", "int8", "fp32")
 SOURCES = ("auto", "fast", "requantize")
 LAYOUTS = ("split", "fused")
 MATMULS = ("ort", "hgw")
-LM_HEADS = ("auto", "int4")
+LM_HEADS = ("auto", "stored", "int4", "rescore")
+RESCORE_TOP = 64  # logits per row recomputed at 8 bits; SmolLM2's exact best was never past the int4 scan's 20th
 CUSTOM_DOMAIN = "hybrid_gateway"  # edge/csrc/ort_ops.cpp (edge.ortop)
 _BITS = {"int4": 4, "int8": 8}
 DEFAULT_ACCURACY_LEVEL = {"int4": 4, "int8": 0, "fp32": 0}
@@ -93,7 +95,7 @@ Quant = Literal["int4", "int8", "fp32"]
 Source = Literal["auto", "fast", "requantize"]
 Layout = Literal["split", "fused"]
 Matmul = Literal["ort", "hgw"]
-LmHead = Literal["auto", "int4"]
+LmHead = Literal["auto", "stored", "int4", "rescore"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,16 +130,22 @@ class BuildOptions:
     Q4_1-style 4-bit blocks. Its batch-1 loop reads the weights at ~20 GB/s
     where ``MatMulNBits`` reaches ~15-19 on our machines.
 
-    ``lm_head`` is how the LM head is stored. ``"auto"``: like every other matrix (a GGUF's own blocks with
+    ``lm_head`` is how the LM head is stored. ``"stored"``: like every other matrix (a GGUF's own blocks with
     ``source="auto"``; SmolLM2's tied Q8_0 head is then 30 MB, a third of what batch-1 decode reads per token).
     ``"int4"``: re-quantized to 4-bit blocks (Q4_1-style for ``"hgw"``, ``MatMulNBits`` int4 for ``"ort"``), as
     onnxruntime-genai's int4 builds do: ~12 MB fewer a token, at some agreement with the reference (a second
-    rounding of an 8-bit head). Not for ``quant="fp32"``.
+    rounding of an 8-bit head). Not for ``quant="fp32"``. ``"rescore"`` (``"hgw"`` only): both. Every logit
+    comes from the 4-bit head, then each row's :data:`RESCORE_TOP` best (and the rest of their 8-row tiles) are
+    computed again from the 8-bit head (a GGUF's Q8_0 as stored, else Q8_0 blocks of the float values): those
+    logits are bit for bit the 8-bit head's, so greedy decoding matches ``"stored"`` on a Q8_0 head whenever its
+    best token is among the scan's best :data:`RESCORE_TOP`, at the int4 head's speed. Memory holds both heads.
+    ``"auto"``: ``"rescore"`` with ``"hgw"`` where the head is not already stored at 4 bits, else ``"stored"``
+    (:func:`resolve_lm_head`).
 
     >>> BuildOptions(quant="int8").key("0123456789abcdef0123")
-    '0123456789abcdef-int8-bs32-acc0-auto-g5'
+    '0123456789abcdef-int8-bs32-acc0-auto-g6'
     >>> BuildOptions(layout="fused").key("0123456789abcdef0123")
-    '0123456789abcdef-int4-bs32-acc4-auto-g5-fused'
+    '0123456789abcdef-int4-bs32-acc4-auto-g6-fused'
     """
 
     quant: Quant = "int4"
@@ -163,9 +171,10 @@ class BuildOptions:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.matmul not in MATMULS:
             raise ValueError(f"matmul must be one of {MATMULS}, got {self.matmul!r}")
-        if self.lm_head not in LM_HEADS or (self.lm_head == "int4" and self.quant == "fp32"):
-            raise ValueError(f"lm_head must be one of {LM_HEADS} ('int4' not with quant='fp32'), got "
-                             f"{self.lm_head!r} with quant={self.quant!r}")
+        if (self.lm_head not in LM_HEADS or (self.lm_head == "int4" and self.quant == "fp32")
+                or (self.lm_head == "rescore" and self.matmul != "hgw")):
+            raise ValueError(f"lm_head must be one of {LM_HEADS} ('int4' not with quant='fp32', 'rescore' only with "
+                             f"matmul='hgw'), got {self.lm_head!r} with quant={self.quant!r}, matmul={self.matmul!r}")
         if self.matmul == "hgw" and (self.layout != "fused" or self.quant != "int4" or self.block_size != 32
                                      or self.accuracy_level != 4):
             raise ValueError(f"matmul='hgw' runs in the fused graph's custom op library on int4 weights in blocks of "
@@ -179,7 +188,7 @@ class BuildOptions:
 
     def key(self, fingerprint: str) -> str:
         suffix = (("-fused" if self.layout == "fused" else "") + ("-hgw" if self.matmul == "hgw" else "")
-                  + ("-head4" if self.lm_head == "int4" else ""))
+                  + {"auto": "", "stored": "-stored", "int4": "-head4", "rescore": "-rescore"}[self.lm_head])
         if self.quant == "fp32":
             return f"{fingerprint[:16]}-fp32-g{GRAPH_VERSION}{suffix}"
         return (f"{fingerprint[:16]}-{self.quant}-bs{self.block_size}-acc{self.accuracy_level}-{self.source}"
@@ -196,6 +205,7 @@ class OnnxModel:
     fingerprint: str
     reused: bool  # True when the cache already held this build
     graphs: tuple[str, ...] = field(default=())  # file names in run order: pre, layer_000.., final
+    lm_head: str = "stored"  # options.lm_head resolved (resolve_lm_head)
 
     @property
     def paths(self) -> list[Path]:
@@ -211,6 +221,19 @@ def graph_names(num_layers: int, layout: Layout = "split") -> tuple[str, ...]:
     if layout == "fused":
         return ("model.onnx",)
     return ("pre.onnx", *(f"layer_{i:03d}.onnx" for i in range(num_layers - 1)), "final.onnx")
+
+
+def lm_head_name(config: ModelConfig) -> str:
+    return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+
+
+def resolve_lm_head(ckpt: Checkpoint, options: BuildOptions) -> str:
+    """``options.lm_head``, with ``"auto"`` made ``"rescore"`` where the head runs on ``BlockQuantMatMul`` and is not
+    stored at 4 bits already (a Q8_0 or float head), else ``"stored"``."""
+    if options.lm_head != "auto":
+        return options.lm_head
+    stored = ckpt.quant_types()[lm_head_name(ckpt.config)]
+    return "rescore" if options.matmul == "hgw" and stored not in ("Q4_0", "Q4_1") else "stored"
 
 
 def build_onnx_model(checkpoint: Checkpoint | str | os.PathLike[str], options: BuildOptions | None = None, *,
@@ -231,15 +254,16 @@ def build_onnx_model(checkpoint: Checkpoint | str | os.PathLike[str], options: B
     root = Path(cache_root) if cache_root is not None else onnx_cache_root()
     target = root / options.key(fingerprint)
     names = graph_names(config.num_layers, options.layout)
+    lm_head = resolve_lm_head(ckpt, options)
     if not force and _is_complete(target, fingerprint, names):
-        return OnnxModel(target, config, options, fingerprint, reused=True, graphs=names)
+        return OnnxModel(target, config, options, fingerprint, reused=True, graphs=names, lm_head=lm_head)
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
     try:
         sources = _write_graphs(ckpt, options, tmp, console or Console(stderr=True))
         manifest = {"graph_version": GRAPH_VERSION, "fingerprint": fingerprint, "options": asdict(options),
-                    "config": config.to_dict(), "graphs": list(names), "linear_sources": sources,
+                    "config": config.to_dict(), "graphs": list(names), "lm_head": lm_head, "linear_sources": sources,
                     "built_at": time.time()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if target.exists():  # force=True, or a stale/incomplete entry
@@ -252,7 +276,7 @@ def build_onnx_model(checkpoint: Checkpoint | str | os.PathLike[str], options: B
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return OnnxModel(target, config, options, fingerprint, reused=False, graphs=names)
+    return OnnxModel(target, config, options, fingerprint, reused=False, graphs=names, lm_head=lm_head)
 
 
 def _is_complete(directory: Path, fingerprint: str, names: tuple[str, ...]) -> bool:
@@ -307,6 +331,7 @@ class _WeightReader:
         self.repackable = {t: b for t, b in REPACKABLE_TYPES.items() if options.source == "auto" or t != "Q4_1"}
         self.stored_types = ckpt.quant_types()
         self.sources: dict[str, int] = {}
+        self.head_mode = resolve_lm_head(ckpt, options)
 
     def get(self, name: str) -> np.ndarray:
         return self.ckpt.get_tensor(name, dtype=torch.float32).numpy()
@@ -356,9 +381,18 @@ class _WeightReader:
         p = f"model.layers.{layer}.mlp."
         return self.linear(p + "gate_proj.weight", p + "up_proj.weight")
 
-    def lm_head(self) -> np.ndarray | RepackedWeight | BlockQuantWeight:
-        return self.linear("model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight",
-                           requantize=self.options.lm_head == "int4")
+    def lm_head(self) -> np.ndarray | RepackedWeight | BlockQuantWeight | RescoredHead:
+        name = lm_head_name(self.config)
+        if self.head_mode != "rescore":
+            return self.linear(name, requantize=self.head_mode == "int4")
+        scan = self.linear(name, requantize=True)
+        if (isinstance(self.ckpt, GGUFCheckpoint) and self.options.source != "requantize"
+                and self.stored_types[name] == "Q8_0"):
+            exact, source = blockquant.from_ggml(*self.ckpt.raw_blocks(name)), "rescored from Q8_0 as stored"
+        else:
+            exact, source = blockquant.quantize(self.get(name), 8), "rescored from requantized Q8_0"
+        self.sources[source] = self.sources.get(source, 0) + 1
+        return RescoredHead(scan, exact, RESCORE_TOP)
 
 
 class _Graph:
@@ -437,25 +471,35 @@ class _Graph:
             out = self.node("Add", [out, self.init(prefix + "_bias", bias.astype(np.float32))], [prefix + "_biased"])[0]
         return out
 
-    def block_quant(self, x: str, weight: BlockQuantWeight, prefix: str, *, gamma: np.ndarray | None = None,
-                    skip: str | None = None, keep_sum: bool = True, swiglu: bool = False) -> str | tuple[str, str]:
+    def block_quant(self, x: str, weight: BlockQuantWeight | RescoredHead, prefix: str, *,
+                    gamma: np.ndarray | None = None, skip: str | None = None, keep_sum: bool = True,
+                    swiglu: bool = False) -> str | tuple[str, str]:
         """``hybrid_gateway::BlockQuantMatMul`` with its prologue fused in (edge/csrc/ort_ops.cpp): ``gamma``:
         RMSNorm(x (+ skip)) @ W^T, and with ``skip`` and ``keep_sum`` also the sum x + skip, returned as (out, sum);
-        ``swiglu``: x is [T, 2K] = [gate, up] and silu(gate) * up @ W^T."""
+        ``swiglu``: x is [T, 2K] = [gate, up] and silu(gate) * up @ W^T. A :class:`RescoredHead` is its 4-bit scan
+        with the 8-bit weights as inputs 6 and 7 (attribute ``rescore``)."""
+        rescored = weight if isinstance(weight, RescoredHead) else None
+        if rescored is not None:
+            weight = rescored.scan
         codes, scales, mins = weight.packed()
         inputs = [x, self.init(prefix + "_codes", codes), self.init(prefix + "_scales", scales),
-                  self.init(prefix + "_mins", mins) if mins is not None else ""]
+                  self.init(prefix + "_mins", mins) if mins is not None else "", "", ""]
         attrs: dict = {"K": weight.k, "N": weight.n, "bits": weight.bits}
         outputs = [f"{prefix}_out"]
         if gamma is not None:
-            inputs.append(self.init(prefix + "_gamma", gamma.astype(np.float32)))
+            inputs[4] = self.init(prefix + "_gamma", gamma.astype(np.float32))
             attrs.update(prologue=1, epsilon=float(self.config.rms_norm_eps))
             if skip is not None:
-                inputs.append(skip)
+                inputs[5] = skip
                 if keep_sum:
                     outputs.append(f"{prefix}_sum")
         elif swiglu:
             attrs["prologue"] = 2
+        if rescored is not None:
+            exact_codes, exact_scales, _ = rescored.exact.packed()
+            inputs += [self.init(prefix + "_exact_codes", exact_codes),
+                       self.init(prefix + "_exact_scales", exact_scales)]
+            attrs["rescore"] = rescored.top
         while inputs[-1] == "":
             inputs.pop()
         self.node("BlockQuantMatMul", inputs, outputs, domain=CUSTOM_DOMAIN, **attrs)

@@ -64,7 +64,8 @@ class EdgeEngine(AsyncEngine):
 
         Without ``config`` the engine uses :func:`default_block_size` for its device. ``source`` is
         :class:`edge.builder.BuildOptions`' (``"auto"``: GGUF blocks exactly; ``"fast"``: Q4_1 re-quantized), and
-        so is ``lm_head`` (``"int4"``: the LM head re-quantized to 4 bits, faster, less exact).
+        so is ``lm_head`` (``"auto"``: ``"rescore"``, the LM head read at 4 bits with each token's best logits again
+        from the stored 8-bit head, where it applies; ``"int4"``: re-quantized to 4 bits, less exact).
         """
         path = resolve_model(model)
         checkpoint = load_checkpoint(path)

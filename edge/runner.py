@@ -123,6 +123,7 @@ class OnnxRunner:
                                layout=self.layout, matmul=matmul, lm_head=lm_head)
         self.model: OnnxModel = build_onnx_model(checkpoint, options, cache_root=cache_root, force=force_build)
         self.config: ModelConfig = self.model.config
+        self.lm_head = self.model.lm_head  # "auto" resolved: "stored", "int4" or "rescore"
         self.attention_impl = attention_impl
         if self.layout == "split" and self.device.type == "cpu" and attention_impl in ("auto", "native"):
             # Build (once per machine) or load the native decode-attention op now, not in the first request.

@@ -164,8 +164,10 @@ def bench_edge(
     = "auto",
     matmul: Annotated[str, typer.Option(help="What runs the int4 linear layers: auto | hgw (our block-quantized "
                                              "matmul op) | ort (ONNX Runtime's MatMulNBits).")] = "auto",
-    lm_head: Annotated[str, typer.Option(help="LM head: auto (stored like the other weights) | int4 (re-quantized "
-                                              "to 4 bits, as onnxruntime-genai's int4 builds; less exact).")]
+    lm_head: Annotated[str, typer.Option(help="LM head: auto (rescore where it applies, else stored) | rescore (read "
+                                              "at 4 bits, the best 64 logits again from the stored 8-bit head) | "
+                                              "stored (like the other weights) | int4 (re-quantized to 4 bits, as "
+                                              "onnxruntime-genai's int4 builds; less exact).")]
     = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads for ours and every peer (default: cores).")] = None,
     peers: Annotated[str, typer.Option(help="Comma-separated peers to run if installed "
@@ -209,7 +211,7 @@ def bench_edge(
                           enable_prefix_caching=prefix_caching)
     core = EngineCore(runner, tokenizer, config, checkpoint.fingerprint)
     describe = {"engine": "hybrid-gateway edge", "quant": quant, "source": source, "threads": threads,
-                "layout": runner.layout, "matmul": runner.matmul, "lm_head": lm_head,
+                "layout": runner.layout, "matmul": runner.matmul, "lm_head": runner.lm_head,
                 "weights_bytes": decode_bytes_per_token(runner.model.paths, runner.config), "block_size": block_size,
                 "prefix_caching": prefix_caching}
     protocol = {"new_tokens": new_tokens, "repeats": repeats,

@@ -148,9 +148,12 @@ class GatewaySettings(BaseSettings):
         "auto", description="Where int4 weights come from: auto = the GGUF's blocks exactly; fast = the same on "
                             "CPU (BlockQuantMatMul), and on MatMulNBits (a GPU) Q4_1 re-quantized without its "
                             "block mins (fewer ops, less exact).")
-    edge_lm_head: Literal["auto", "int4"] = Field(
-        "auto", description="Edge LM head: auto = stored like the other weights (the GGUF's Q8_0 head exactly); "
-                            "int4 = re-quantized to 4 bits (~12 MB less read per token, less exact).")
+    edge_lm_head: Literal["auto", "stored", "int4", "rescore"] = Field(
+        "auto", description="Edge LM head: rescore = read at 4 bits, each token's 64 best logits again from the "
+                            "stored 8-bit head (the stored head's greedy tokens, ~12 MB less read per token); "
+                            "stored = like the other weights (the GGUF's Q8_0 head exactly); int4 = re-quantized "
+                            "to 4 bits (less exact); auto = rescore where it applies (BlockQuantMatMul, a head not "
+                            "stored at 4 bits), else stored.")
     edge_threads: int | None = Field(None, ge=1, description="CPU threads for the edge engine "
                                                              "(unset = physical cores).")
     edge_max_num_seqs: int = Field(64, ge=1, description="Most sequences the edge engine runs at once.")

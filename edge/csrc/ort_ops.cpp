@@ -42,10 +42,18 @@
 //               sqrt(mean(s^2) + epsilon) (attribute epsilon). Output 1 (optional, needs skip) = s, the residual
 //               stream (what SkipSimplifiedLayerNormalization's output 3 is).
 //   2 SwiGLU:   x is [..., 2K] = [gate, up]; the op uses silu(gate) * up.
+//
+// Optional rescoring (attribute rescore = R > 0; an LM head read at 4 bits, kept exact at 8): inputs 6 codes and
+// 7 scales hold the same matrix in 8-bit blocks (the layout of bits 8). After y is computed from the 4-bit
+// weights, each row's R largest outputs are found and the 8-row tiles holding them are computed again from the
+// 8-bit weights, with the same quantized x and the same per-row arithmetic as an 8-bit op, so those outputs are
+// bit for bit what the 8-bit matrix alone gives. A batch-1 step then streams the 4-bit head (~0.6 of the
+// bytes) plus R tiles; greedy decoding picks the 8-bit head's token whenever it is among the 4-bit head's R best.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_c_api.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -53,6 +61,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "block_quant_gemm.h"
@@ -345,16 +354,47 @@ inline void swiglu_row(const float* gu, int64_t k, float* out) {
   }
 }
 
+// Indices of the k largest values of row [0, n) (k <= n), in no particular order: a min-heap of the best so far,
+// and a scan that only stops on a value above the heap's least (a handful per row once the heap fills).
+inline void top_k(const float* row, int64_t n, int64_t k, std::vector<std::pair<float, int64_t>>& heap) {
+  auto greater = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) { return a > b; };
+  heap.clear();
+  for (int64_t i = 0; i < k; ++i) heap.emplace_back(row[i], i);
+  std::make_heap(heap.begin(), heap.end(), greater);  // heap.front() is the least kept
+  auto offer = [&](int64_t i) {
+    if (row[i] > heap.front().first) {
+      std::pop_heap(heap.begin(), heap.end(), greater);
+      heap.back() = {row[i], i};
+      std::push_heap(heap.begin(), heap.end(), greater);
+    }
+  };
+  int64_t i = k;
+#if HGW_BQ_AVX2
+  for (; i + 8 <= n; i += 8) {
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(heap.front().first),
+                                                _CMP_GT_OQ));
+    while (mask != 0) {
+      offer(i + __builtin_ctz(static_cast<unsigned>(mask)));
+      mask &= mask - 1;
+    }
+  }
+#endif
+  for (; i < n; ++i) offer(i);
+}
+
 struct BlockQuantMatMulKernel {
   static constexpr const char* kName = "BlockQuantMatMul";
   static constexpr int64_t kTilesPerItem = 2;           // 16 weight rows per parallel work item
   static constexpr int64_t kParallelMinMacs = 1 << 16;  // below this, one thread does it all
+  static constexpr size_t kItemsPerBatch = 16;           // 256 weight rows per claim on the thread pool
   enum Prologue : int64_t { kNone = 0, kRmsNorm = 1, kSwiGLU = 2 };
-  int64_t k, n, bits, kb, tiles, prologue = kNone;
+  int64_t k, n, bits, kb, tiles, prologue = kNone, rescore = 0;
   float epsilon = 1e-6f;
 
   struct Work {
     hgw::bq::Weights w;
+    hgw::bq::Weights exact;  // rescore > 0: the 8-bit weights
+    int64_t rescore;
     const float* x;
     float* y;
     int8_t* q;  // x quantized: codes, block scales and sums (hgw::bq::Acts)
@@ -394,6 +434,22 @@ struct BlockQuantMatMulKernel {
     const int64_t t0 = static_cast<int64_t>(index) * kTilesPerItem, t1 = std::min<int64_t>(w.tiles, t0 + kTilesPerItem);
     alignas(32) float scratch[4 * kTilesPerItem * hgw::bq::kTile];
     hgw::bq::gemm(w.w, hgw::bq::Acts{w.q, w.scale, w.sums, w.w.kb}, 0, w.m, t0, t1, w.y, w.n, w.n, scratch);
+  }
+
+  static void rescore_row(void* data, size_t index) {
+    const Work& w = *static_cast<const Work*>(data);
+    const int64_t m = static_cast<int64_t>(index);
+    float* row = w.y + m * w.n;
+    thread_local std::vector<std::pair<float, int64_t>> best;
+    top_k(row, w.n, std::min(w.rescore, w.n), best);
+    std::vector<int64_t> tiles;
+    tiles.reserve(best.size());
+    for (const auto& b : best) tiles.push_back(b.second / hgw::bq::kTile);
+    std::sort(tiles.begin(), tiles.end());
+    tiles.erase(std::unique(tiles.begin(), tiles.end()), tiles.end());
+    alignas(32) float scratch[4 * hgw::bq::kTile];
+    const hgw::bq::Acts acts{w.q, w.scale, w.sums, w.w.kb};
+    for (const int64_t t : tiles) hgw::bq::gemm(w.exact, acts, m, m + 1, t, t + 1, w.y, w.n, w.n, scratch);
   }
 
   void compute(OrtKernelContext* ctx) const {
@@ -436,6 +492,18 @@ struct BlockQuantMatMulKernel {
         skip = sk.data;
       }
     }
+    hgw::bq::Weights exact{};
+    if (rescore > 0) {
+      const auto c8 = input<uint8_t>(ctx, 6, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 3, "exact_codes",
+                                     "uint8 [N / 8 tiles, K / 32 blocks, 256]", kName);
+      const auto s8 = input<uint16_t>(ctx, 7, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 3, "exact_scales",
+                                      "float16 [N / 8 tiles, K / 32 blocks, 8]", kName);
+      if (c8.dims != std::vector<int64_t>{tiles, kb, 256} || s8.dims != std::vector<int64_t>{tiles, kb, 8}) {
+        throw Error("BlockQuantMatMul: rescoring needs exact_codes uint8 [" + str(tiles) + ", " + str(kb) +
+                    ", 256] and exact_scales float16 [" + str(tiles) + ", " + str(kb) + ", 8] (8-bit blocks)");
+      }
+      exact = hgw::bq::Weights{c8.data, s8.data, nullptr, kb, 8};
+    }
     if (num_outputs > 1 && skip == nullptr) {
       throw Error("BlockQuantMatMul: output 1 (x + skip) needs prologue 1 (RMSNorm) and input 5, skip");
     }
@@ -471,7 +539,7 @@ struct BlockQuantMatMulKernel {
     scale.resize(static_cast<size_t>(m * kb));
     sums.resize(static_cast<size_t>(m * kb));
     Work work{hgw::bq::Weights{codes.data, scales.data, bits == 4 ? mins.data : nullptr, kb, static_cast<int>(bits)},
-              x.data, static_cast<float*>(out_data), q.data(), scale.data(), sums.data(), m, k, n, tiles,
+              exact, rescore, x.data, static_cast<float*>(out_data), q.data(), scale.data(), sums.data(), m, k, n, tiles,
               prologue, ldx, gamma, skip, static_cast<float*>(sum_data), epsilon};
     const bool parallel = m * n * k >= kParallelMinMacs;
     const size_t quant_items = static_cast<size_t>((m + 7) / 8);
@@ -482,16 +550,27 @@ struct BlockQuantMatMulKernel {
       for (size_t i = 0; i < quant_items; ++i) quantize_rows(&work, i);
     }
     if (parallel && tile_items > 1) {
-      HGW_ORT(g_api->KernelContext_ParallelFor(ctx, &tile_item, tile_items, 0, &work));
+      // Contiguous runs of kItemsPerBatch items per claim: each core streams long runs of the weights (a claim
+      // per item interleaves the cores' reads, and the prefetchers lose the stream), yet a slow core still
+      // sheds batches to the other. ~3% on a batch-1 step; no change at 16 requests.
+      const size_t batches = (tile_items + kItemsPerBatch - 1) / kItemsPerBatch;
+      HGW_ORT(g_api->KernelContext_ParallelFor(ctx, &tile_item, tile_items, batches, &work));
     } else {
       for (size_t i = 0; i < tile_items; ++i) tile_item(&work, i);
     }
+    if (rescore > 0) {
+      if (parallel && m > 1) {
+        HGW_ORT(g_api->KernelContext_ParallelFor(ctx, &rescore_row, static_cast<size_t>(m), 0, &work));
+      } else {
+        for (int64_t i = 0; i < m; ++i) rescore_row(&work, static_cast<size_t>(i));
+      }
+    }
   }
 
-  static size_t num_inputs() { return 6; }
+  static size_t num_inputs() { return 8; }
   static ONNXTensorElementDataType input_type(size_t i) {
-    if (i == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-    if (i == 2 || i == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    if (i == 1 || i == 6) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    if (i == 2 || i == 3 || i == 7) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // x, gamma, skip
   }
   static bool input_optional(size_t i) { return i >= 3; }
@@ -506,11 +585,15 @@ struct BlockQuantMatMulKernel {
     // Optional attributes: a missing one is an error status, released, and the default stands.
     if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "prologue", &k->prologue)) api->ReleaseStatus(status);
     if (OrtStatus* status = api->KernelInfoGetAttribute_float(info, "epsilon", &k->epsilon)) api->ReleaseStatus(status);
+    if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "rescore", &k->rescore)) api->ReleaseStatus(status);
     if (k->k < 1 || k->n < 1 || (k->bits != 4 && k->bits != 8)) {
       throw Error("BlockQuantMatMul: needs K >= 1, N >= 1 and bits 4 or 8");
     }
     if (k->prologue < kNone || k->prologue > kSwiGLU || !(k->epsilon >= 0.0f)) {
       throw Error("BlockQuantMatMul: prologue must be 0 (none), 1 (RMSNorm) or 2 (SwiGLU), epsilon >= 0");
+    }
+    if (k->rescore < 0 || (k->rescore > 0 && k->bits != 4)) {
+      throw Error("BlockQuantMatMul: rescore must be >= 0, and > 0 only on 4-bit weights (the 8-bit ones are inputs 6, 7)");
     }
     k->kb = (k->k + hgw::bq::kBlock - 1) / hgw::bq::kBlock;
     k->tiles = (k->n + hgw::bq::kTile - 1) / hgw::bq::kTile;

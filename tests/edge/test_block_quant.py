@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge import blockquant as bq
 from edge import ortop
-from edge.builder import BuildOptions
+from edge.bench import decode_bytes_per_token
+from edge.builder import RESCORE_TOP, BuildOptions
 from edge.runner import OnnxRunner
 from tests.edge.test_repack import tiny_gguf  # noqa: F401 - the module-scoped fixture
 from tests.edge.test_runner import _cache, _greedy, _varlen_steps
@@ -172,6 +173,108 @@ def test_prologues_refuse_bad_inputs() -> None:
         _prologue_session(w, 3)
 
 
+def _rescore_session(head: bq.RescoredHead, gamma: np.ndarray | None = None, *, library: str | None = None,
+                     bits: int | None = None, exact: bool = True) -> ort.InferenceSession:
+    """BlockQuantMatMul with ``rescore=head.top``: the 4-bit scan as inputs 1-3, the 8-bit weights as inputs 6, 7
+    (left out with ``exact=False``); with ``gamma`` the RMSNorm prologue on x + skip, as the LM head runs."""
+    codes, scales, mins = head.scan.packed()
+    codes8, scales8, _ = head.exact.packed()
+    inits = [numpy_helper.from_array(a, n) for a, n in ((codes, "codes"), (scales, "scales"), (mins, "mins"))]
+    inputs = ["x", "codes", "scales", "mins", "", ""]
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    attrs = {}
+    if gamma is not None:
+        inits.append(numpy_helper.from_array(gamma, "gamma"))
+        inputs[4:6] = ["gamma", "skip"]
+        graph_inputs.append(helper.make_tensor_value_info("skip", TensorProto.FLOAT, None))
+        attrs = {"prologue": 1, "epsilon": 1e-5}
+    if exact:
+        inits += [numpy_helper.from_array(codes8, "codes8"), numpy_helper.from_array(scales8, "scales8")]
+        inputs += ["codes8", "scales8"]
+    while inputs[-1] == "":
+        inputs.pop()
+    node = helper.make_node("BlockQuantMatMul", inputs, ["y"], domain=ortop.DOMAIN, K=head.scan.k, N=head.scan.n,
+                            bits=bits or 4, rescore=head.top, **attrs)
+    graph = helper.make_graph([node], "g", graph_inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
+                                                                  helper.make_opsetid(ortop.DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(library or str(ortop.library_path()))
+    so.intra_op_num_threads = 2
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _rescored_head(rng: np.random.Generator, n: int, k: int, top: int) -> bq.RescoredHead:
+    weight = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    return bq.RescoredHead(bq.quantize(weight, 4), bq.quantize(weight, 8), top)
+
+
+def _check_rescored(got: np.ndarray, scan: np.ndarray, exact: np.ndarray, top: int) -> None:
+    """``got`` is ``exact`` on the 8-row tiles holding each row's ``top`` best of ``scan``, ``scan`` elsewhere, bit for
+    bit: the op reuses the plain op's arithmetic for both."""
+    n = scan.shape[-1]
+    for row, (g, s, e) in enumerate(zip(got, scan, exact, strict=True)):
+        order = np.argsort(-s, kind="stable")
+        best = order[:top]
+        assert top >= n or s[order[top - 1]] > s[order[top]], "a tie at the cut: the op may pick either"
+        rescored = np.zeros(n, bool)
+        for t in np.unique(best // bq.TILE):
+            rescored[t * bq.TILE:(t + 1) * bq.TILE] = True
+        np.testing.assert_array_equal(g[rescored], e[rescored], err_msg=f"row {row}: rescored logits")
+        np.testing.assert_array_equal(g[~rescored], s[~rescored], err_msg=f"row {row}: scanned logits")
+
+
+RESCORE_GRID = list(itertools.product((1, 3, 17), (64, 576), (7, 64, 1000), (1, 5, 64)))
+
+
+@pytest.mark.parametrize("m, k, n, top", RESCORE_GRID, ids=[f"m{m}-k{k}-n{n}-top{t}" for m, k, n, t in RESCORE_GRID])
+def test_rescore_gives_the_8bit_outputs_where_the_4bit_scan_is_best(m: int, k: int, n: int, top: int) -> None:
+    rng = np.random.default_rng(m * 7 + k + n + top)
+    head = _rescored_head(rng, n, k, top)
+    x = rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.1, 30, size=(m, 1)).astype(np.float32)
+    got = _rescore_session(head).run(None, {"x": x})[0]
+    scan, exact = _session(head.scan).run(None, {"x": x})[0], _session(head.exact).run(None, {"x": x})[0]
+    _check_rescored(got, scan, exact, top)
+    if top >= n:
+        np.testing.assert_array_equal(got, exact)
+
+
+@pytest.mark.parametrize("library", ["simd", "portable"])
+def test_rescore_with_the_norm_prologue(library: str, request) -> None:
+    """As the LM head runs: RMSNorm(x + skip) once, the same int8 activations for the scan and the rescoring."""
+    lib = request.getfixturevalue("scalar_library") if library == "portable" else None
+    rng = np.random.default_rng(21)
+    head = _rescored_head(rng, 300, 96, 16)
+    gamma = rng.uniform(0.5, 1.5, 96).astype(np.float32)
+    feeds = {"x": rng.standard_normal((4, 96)).astype(np.float32) * 3,
+             "skip": rng.standard_normal((4, 96)).astype(np.float32)}
+    got = _rescore_session(head, gamma, library=lib).run(None, feeds)[0]
+    scan = _prologue_session(head.scan, 1, gamma, skip=True, library=lib).run(None, feeds)[0]
+    exact = _prologue_session(head.exact, 1, gamma, skip=True, library=lib).run(None, feeds)[0]
+    _check_rescored(got, scan, exact, 16)
+    _close(got, bq.reference_rescored(_rms_norm(feeds["x"] + feeds["skip"], gamma, 1e-5), head))
+
+
+def test_rescore_refuses_bad_inputs() -> None:
+    rng = np.random.default_rng(22)
+    head = _rescored_head(rng, 40, 64, 8)
+    x = {"x": np.ones((2, 64), np.float32)}
+    with pytest.raises(Exception, match="input exact_codes is missing"):
+        _rescore_session(head, exact=False).run(None, x)
+    short = bq.RescoredHead(head.scan, head.exact, 8)  # then an 8-bit weight of 16 rows where 40 belong
+    object.__setattr__(short, "exact", bq.quantize(rng.standard_normal((16, 64)).astype(np.float32), 8))
+    with pytest.raises(Exception, match=r"rescoring needs exact_codes uint8 \[5, 2, 256\]"):
+        _rescore_session(short).run(None, x)
+    with pytest.raises(Exception, match="rescore must be >= 0, and > 0 only on 4-bit"):
+        _rescore_session(head, bits=8)
+    with pytest.raises(ValueError, match="a 4-bit scan and an 8-bit exact weight of one shape"):
+        bq.RescoredHead(head.exact, head.scan, 8)
+    with pytest.raises(ValueError, match="top must be >= 1"):
+        bq.RescoredHead(head.scan, head.exact, 0)
+
+
 @pytest.fixture(scope="module")
 def scalar_library(tmp_path_factory) -> str:
     """The op library built without SIMD (-DHGW_BQ_SCALAR): the loop machines without AVX2 run."""
@@ -276,7 +379,7 @@ def test_runner_on_block_quant_matmul_tracks_reference(tiny_gguf) -> None:  # no
     """GGUF Q4_0 / Q4_1 / Q8_0 tiny models, weights taken as stored, on the fused graph with BlockQuantMatMul:
     the only difference from the reference model is the int8 rounding of each matmul's input."""
     ckpt, reference, ggml_type, root = tiny_gguf
-    runner = OnnxRunner(ckpt, "int4", cache_root=root, layout="fused")
+    runner = OnnxRunner(ckpt, "int4", cache_root=root, layout="fused", lm_head="stored")
     assert runner.matmul == "hgw"
     manifest = json.loads((runner.model.directory / "manifest.json").read_text())
     assert manifest["linear_sources"] == {f"repacked {ggml_type}": 4 * ckpt.config.num_layers + 1}
@@ -308,8 +411,44 @@ def test_int4_lm_head_is_requantized_and_tracks_reference(tiny_gguf, matmul: str
         assert error < 0.75, f"{ggml_type} step {step}: max |logit diff| {error:.3f} x std"
 
 
+def test_rescored_lm_head_gives_the_stored_heads_tokens(tiny_gguf) -> None:  # noqa: F811 - the fixture
+    """lm_head="auto" on BlockQuantMatMul rescores a Q8_0 head (a 4-bit scan, the best logits again from the stored
+    8-bit blocks) and keeps a 4-bit one as stored. On a Q8_0 head the rescored build picks the stored build's token
+    at every position, with the very same logit."""
+    ckpt, _, ggml_type, root = tiny_gguf
+    auto = OnnxRunner(ckpt, "int4", cache_root=root, layout="fused")
+    assert auto.lm_head == ("rescore" if ggml_type == "Q8_0" else "stored")
+    stored = OnnxRunner(ckpt, "int4", cache_root=root, layout="fused", lm_head="stored")
+    rescored = OnnxRunner(ckpt, "int4", cache_root=root, layout="fused", lm_head="rescore")
+    manifest = json.loads((rescored.model.directory / "manifest.json").read_text())
+    exact = "rescored from Q8_0 as stored" if ggml_type == "Q8_0" else "rescored from requantized Q8_0"
+    assert manifest["lm_head"] == "rescore" and rescored.model.directory.name.endswith("-rescore")
+    assert manifest["linear_sources"] == {f"repacked {ggml_type}": 4 * ckpt.config.num_layers,
+                                          "requantized int4": 1, exact: 1}
+    # What a batch-1 token reads (bench edge's roofline): the int4 head's bytes plus the rescored tiles, at most.
+    int4 = OnnxRunner(ckpt, "int4", cache_root=root, layout="fused", lm_head="int4")
+    c = ckpt.config
+    tiles, kb = -(-c.vocab_size // 8), -(-c.hidden_size // 32)
+    assert (decode_bytes_per_token(rescored.model.paths, c) - decode_bytes_per_token(int4.model.paths, c)
+            == min(RESCORE_TOP, tiles) * kb * (256 + 8 * 2))
+    if ggml_type != "Q8_0":
+        return  # a 4-bit head's 8-bit copy is its values rounded again, not the stored head
+    cache_s, cache_r = _cache(ckpt.config), _cache(ckpt.config)
+    for batch in _varlen_steps(ckpt.config.vocab_size):
+        want, got = stored.execute(batch, cache_s), rescored.execute(batch, cache_r)
+        best = got.argmax(-1)
+        assert torch.equal(best, want.argmax(-1))
+        assert torch.equal(got.gather(1, best[:, None]), want.gather(1, best[:, None]))
+    prompt = [5, 17, 99, 3, 250, 42]
+    assert _greedy(rescored, prompt, 16) == _greedy(stored, prompt, 16)
+
+
 def test_lm_head_option_is_checked() -> None:
     assert BuildOptions(layout="fused", matmul="hgw", lm_head="int4").key("f" * 20).endswith("-fused-hgw-head4")
+    assert BuildOptions(layout="fused", matmul="hgw", lm_head="rescore").key("f" * 20).endswith("-hgw-rescore")
+    assert BuildOptions(lm_head="stored").key("f" * 20).endswith("-stored")
+    with pytest.raises(ValueError, match="'rescore' only with matmul='hgw'"):
+        BuildOptions(layout="fused", lm_head="rescore")
     with pytest.raises(ValueError, match="lm_head must be one of"):
         BuildOptions(quant="fp32", lm_head="int4")
     with pytest.raises(ValueError, match="lm_head must be one of"):
