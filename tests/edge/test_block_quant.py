@@ -9,6 +9,7 @@ import json
 
 import gguf
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -36,8 +37,15 @@ def _session(w: bq.BlockQuantWeight, threads: int = 2, library: str | None = Non
         inputs.append("mins")
     node = helper.make_node("BlockQuantMatMul", inputs, ["y"], domain=ortop.DOMAIN, K=k or w.k, N=n or w.n,
                             bits=bits or w.bits)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return _one_node_session(node, ["x"], inits, library, threads)
+
+
+def _one_node_session(node: onnx.NodeProto, graph_inputs: list[str], inits: list, library: str | None,
+                      threads: int = 2) -> ort.InferenceSession:
+    """A session of the single ``node`` (float inputs ``graph_inputs``, float outputs) with the op library."""
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(i, TensorProto.FLOAT, None)
+                                            for i in graph_inputs],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output], inits)
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
                                                                   helper.make_opsetid(ortop.DOMAIN, 1)])
     so = ort.SessionOptions()
@@ -87,29 +95,21 @@ def _prologue_session(w: bq.BlockQuantWeight, prologue: int, gamma: np.ndarray |
     if mins is not None:
         inits.append(numpy_helper.from_array(mins, "mins"))
         inputs[3] = "mins"
-    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    graph_inputs = ["x"]
     outputs = ["y"]
     if gamma is not None:
         inits.append(numpy_helper.from_array(gamma, "gamma"))
         inputs.append("gamma")
     if skip:
         inputs.append("skip")
-        graph_inputs.append(helper.make_tensor_value_info("skip", TensorProto.FLOAT, None))
+        graph_inputs.append("skip")
     if keep_sum:
         outputs.append("sum")
     while inputs[-1] == "":
         inputs.pop()
     node = helper.make_node("BlockQuantMatMul", inputs, outputs, domain=ortop.DOMAIN, K=w.k, N=w.n, bits=w.bits,
                             prologue=prologue, epsilon=eps)
-    graph = helper.make_graph([node], "g", graph_inputs,
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
-                                                                  helper.make_opsetid(ortop.DOMAIN, 1)])
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(library or str(ortop.library_path()))
-    so.intra_op_num_threads = 2
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return _one_node_session(node, graph_inputs, inits, library)
 
 
 def _rms_norm(s: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
@@ -181,12 +181,12 @@ def _rescore_session(head: bq.RescoredHead, gamma: np.ndarray | None = None, *, 
     codes8, scales8, _ = head.exact.packed()
     inits = [numpy_helper.from_array(a, n) for a, n in ((codes, "codes"), (scales, "scales"), (mins, "mins"))]
     inputs = ["x", "codes", "scales", "mins", "", ""]
-    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    graph_inputs = ["x"]
     attrs = {}
     if gamma is not None:
         inits.append(numpy_helper.from_array(gamma, "gamma"))
         inputs[4:6] = ["gamma", "skip"]
-        graph_inputs.append(helper.make_tensor_value_info("skip", TensorProto.FLOAT, None))
+        graph_inputs.append("skip")
         attrs = {"prologue": 1, "epsilon": 1e-5}
     if exact:
         inits += [numpy_helper.from_array(codes8, "codes8"), numpy_helper.from_array(scales8, "scales8")]
@@ -195,15 +195,7 @@ def _rescore_session(head: bq.RescoredHead, gamma: np.ndarray | None = None, *, 
         inputs.pop()
     node = helper.make_node("BlockQuantMatMul", inputs, ["y"], domain=ortop.DOMAIN, K=head.scan.k, N=head.scan.n,
                             bits=bits or 4, rescore=head.top, **attrs)
-    graph = helper.make_graph([node], "g", graph_inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              inits)
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
-                                                                  helper.make_opsetid(ortop.DOMAIN, 1)])
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(library or str(ortop.library_path()))
-    so.intra_op_num_threads = 2
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return _one_node_session(node, graph_inputs, inits, library)
 
 
 def _rescored_head(rng: np.random.Generator, n: int, k: int, top: int) -> bq.RescoredHead:
