@@ -1,12 +1,16 @@
 """Transparent huge pages for the serving processes: glibc's malloc asked to back large blocks with 2 MB pages.
 
-A batch-1 edge decode step streams ~100 MB of weights (ONNX Runtime's prepacked buffers) and the KV
+A batch-1 edge decode step streams ~85-100 MB of weights and the KV
 cache through the CPU; with 4 kB pages that is ~25,000 TLB misses a token. Most Linux machines run THP in
 ``madvise`` mode, where only memory that asks gets huge pages, and neither ONNX Runtime nor PyTorch asks.
 glibc (2.35+) asks on every large allocation's behalf when started with the tunable
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, which must be in the environment when the process starts:
 ``hybrid-gateway serve`` and ``bench`` therefore re-execute themselves once with it set. Measured on our
 2-core machine, batch-1 decode +5-10%. ``HYBRID_GATEWAY_HUGEPAGES=0`` turns it off.
+
+glibc can only ask for what malloc allocates: ONNX Runtime maps an external data file instead (file pages, 4 kB),
+so the edge runner reads its custom matmul's weights into a huge-page mapping itself (``edge/hugepages.py``), and
+the CPU KV cache is allocated the same way (``kernels/hostmem.py``); both work without this re-execution.
 """
 
 from __future__ import annotations

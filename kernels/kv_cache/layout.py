@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from kernels import hostmem
+
 DEFAULT_BLOCK_SIZE = 16
 KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -68,7 +70,10 @@ class KVCacheSpec:
         return self.bytes_per_token * self.block_size
 
     def allocate(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """A zeroed cache tensor of :attr:`shape`."""
+        """A zeroed cache tensor of :attr:`shape`; on CPU in 2 MiB pages (:mod:`kernels.hostmem`: fewer TLB
+        misses when attention reads its blocks, and pages cost memory only once a block is used)."""
+        if torch.device(device).type == "cpu":
+            return hostmem.zeros(self.shape, self.dtype)
         return torch.zeros(self.shape, dtype=self.dtype, device=device)
 
     def blocks_needed(self, num_tokens: int) -> int:

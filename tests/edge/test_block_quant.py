@@ -300,6 +300,36 @@ def test_portable_prologues_match_reference(scalar_library: str) -> None:
            bq.reference_matmul(_swiglu(gu), w))
 
 
+@pytest.fixture(scope="module")
+def avx2_library(tmp_path_factory) -> str:
+    """The op library built without the AVX512-VNNI loop (-DHGW_BQ_NO_VNNI): what AVX2-only machines run."""
+    include = ortop.include_dir()
+    directory = tmp_path_factory.mktemp("avx2")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ortop, "FLAGS", (*ortop.FLAGS, "-DHGW_BQ_NO_VNNI"))
+        mp.setattr(ortop, "include_dir", lambda: include)
+        mp.setattr(ortop, "build_dir", lambda includes: directory)
+        return str(ortop._build())
+
+
+VNNI_GRID = list(itertools.product((4, 8), (1, 3, 4, 6, 17), (64, 576), (8, 200)))
+
+
+@pytest.mark.parametrize("bits, m, k, n", VNNI_GRID, ids=[f"b{b}-m{m}-k{k}-n{n}" for b, m, k, n in VNNI_GRID])
+def test_vnni_loop_equals_avx2_loop_bit_for_bit(avx2_library: str, bits: int, m: int, k: int, n: int) -> None:
+    """vpdpbusd sums the same integers as maddubs + madd: the default build (the VNNI loop where the CPU has
+    AVX512-VNNI, ctypes.CDLL(library).hgw_block_quant_vnni) gives exactly the AVX2 build's outputs, extreme
+    codes and activations included."""
+    rng = np.random.default_rng(bits * 7 + m + k + n)
+    w = bq.quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.05, bits)
+    w.codes[0, 0, :] = 15 if bits == 4 else -127  # saturating corners of the int16 pair sums
+    w.codes[-1, -1, :] = 0 if bits == 4 else 127
+    x = rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.1, 30, size=(m, 1)).astype(np.float32)
+    x[0, :32] = np.where(np.arange(32) % 2 == 0, 1.0, -1.0) * 7.0  # codes of +-127 in one block
+    got = _session(w, threads=2).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, _session(w, threads=2, library=avx2_library).run(None, {"x": x})[0])
+
+
 def test_packed_layout_by_hand() -> None:
     """Bytes at the positions the kernel comment documents."""
     rng = np.random.default_rng(5)
