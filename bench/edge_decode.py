@@ -1,7 +1,8 @@
 """Batch-1 greedy decode speed of the edge runner (ONNX Runtime dense parts + kernels attention).
 
     python bench/edge_decode.py --quant int4 --new-tokens 64 --threads 2 [--global-pool] [--batches 1,16,64]
-        [--layout auto|fused|split] [--matmul auto|ort|hgw] [--lm-head auto|stored|int4|rescore]
+        [--layout auto|fused|split] [--matmul auto|ort|hgw] [--lm-head auto|stored|int4|rescore] [--no-huge-pages]
+        [--kv-dtype auto|float32|float16]
 
 Prints prefill time, decode tok/s and a per-step breakdown of a decode step: time inside ONNX Runtime
 (sessions replayed alone on the same bound buffers), time inside ``kernels.attention`` (the layer calls
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", default="auto", choices=("auto", "fused", "split"))
     parser.add_argument("--matmul", default="auto", choices=("auto", "ort", "hgw"))
     parser.add_argument("--lm-head", default="auto", choices=("auto", "stored", "int4", "rescore"))
+    parser.add_argument("--no-huge-pages", action="store_true", help="leave the weights in ONNX Runtime's file "
+                                                                      "mapping (4 KiB pages; edge/hugepages.py)")
+    parser.add_argument("--kv-dtype", default="auto", choices=("auto", "float32", "float16"))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
@@ -50,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     runner = OnnxRunner(ckpt, args.quant, accuracy_level=args.accuracy_level, source=args.source,
                         intra_op_num_threads=args.threads, layout=args.layout,
-                        matmul=args.matmul, lm_head=args.lm_head)
+                        matmul=args.matmul, lm_head=args.lm_head, huge_pages=not args.no_huge_pages,
+                        kv_dtype=args.kv_dtype)
     print(f"load/build: {time.perf_counter() - t0:.2f}s (reused cache: {runner.model.reused}), "
           f"threads={runner.intra_op_num_threads}, layout={runner.layout}, matmul={runner.matmul}, "
-          f"lm_head={runner.lm_head}, "
+          f"lm_head={runner.lm_head}, kv_dtype={runner.kv_dtype}, weights in huge pages={runner.weights_huge_pages}, "
           f"dir={runner.model.directory}")
     if runner.host_threads is not None:
         torch.set_num_threads(runner.host_threads)  # as EngineCore does around a step (argmax next to ORT's pool)
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     cfg, bs = runner.config, 16
     total = len(prompt) + args.new_tokens
-    spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks=-(-total // bs), block_size=bs)
+    spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks=-(-total // bs), block_size=bs,
+                       dtype=runner.kv_dtype)
     table = list(range(spec.num_blocks))
 
     rates = []
@@ -119,7 +125,8 @@ def batched_step(runner: OnnxRunner, batch_size: int, context: int, block_size: 
     """Time one decode step of ``batch_size`` sequences with ``context`` cached tokens each, split like above."""
     c = runner.config
     blocks = -(-(context + 1) // block_size)
-    spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, num_blocks=blocks * batch_size, block_size=block_size)
+    spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, num_blocks=blocks * batch_size, block_size=block_size,
+                       dtype=runner.kv_dtype)
     cache = spec.allocate()
     tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(batch_size)]
     batch = ModelInput.build([[5]] * batch_size, [context] * batch_size, tables, [True] * batch_size, block_size)

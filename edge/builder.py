@@ -85,6 +85,7 @@ SOURCES = ("auto", "fast", "requantize")
 LAYOUTS = ("split", "fused")
 MATMULS = ("ort", "hgw")
 LM_HEADS = ("auto", "stored", "int4", "rescore")
+KV_DTYPES = ("float32", "float16")
 RESCORE_TOP = 64  # logits per row recomputed at 8 bits; SmolLM2's exact best was never past the int4 scan's 20th
 CUSTOM_DOMAIN = "hybrid_gateway"  # edge/csrc/ort_ops.cpp (edge.ortop)
 _BITS = {"int4": 4, "int8": 8}
@@ -96,6 +97,7 @@ Source = Literal["auto", "fast", "requantize"]
 Layout = Literal["split", "fused"]
 Matmul = Literal["ort", "hgw"]
 LmHead = Literal["auto", "stored", "int4", "rescore"]
+KvDtype = Literal["float32", "float16"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,10 @@ class BuildOptions:
     ``"auto"``: ``"rescore"`` with ``"hgw"`` where the head is not already stored at 4 bits, else ``"stored"``
     (:func:`resolve_lm_head`).
 
+    ``kv_dtype`` is the element type of the fused graph's ``kv_cache`` input, the engine's cache (``"float16"``:
+    K and V stored as IEEE half, rounded to nearest-even once rotated, half the bytes for attention to read; all
+    arithmetic stays float32). The split layout takes float32 caches only.
+
     >>> BuildOptions(quant="int8").key("0123456789abcdef0123")
     '0123456789abcdef-int8-bs32-acc0-auto-g6'
     >>> BuildOptions(layout="fused").key("0123456789abcdef0123")
@@ -155,6 +161,7 @@ class BuildOptions:
     layout: Layout = "split"
     matmul: Matmul = "ort"
     lm_head: LmHead = "auto"
+    kv_dtype: KvDtype = "float32"
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -175,6 +182,9 @@ class BuildOptions:
                 or (self.lm_head == "rescore" and self.matmul != "hgw")):
             raise ValueError(f"lm_head must be one of {LM_HEADS} ('int4' not with quant='fp32', 'rescore' only with "
                              f"matmul='hgw'), got {self.lm_head!r} with quant={self.quant!r}, matmul={self.matmul!r}")
+        if self.kv_dtype not in KV_DTYPES or (self.kv_dtype != "float32" and self.layout != "fused"):
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES} (float16 with layout='fused' only), got "
+                             f"{self.kv_dtype!r} with layout={self.layout!r}")
         if self.matmul == "hgw" and (self.layout != "fused" or self.quant != "int4" or self.block_size != 32
                                      or self.accuracy_level != 4):
             raise ValueError(f"matmul='hgw' runs in the fused graph's custom op library on int4 weights in blocks of "
@@ -188,7 +198,8 @@ class BuildOptions:
 
     def key(self, fingerprint: str) -> str:
         suffix = (("-fused" if self.layout == "fused" else "") + ("-hgw" if self.matmul == "hgw" else "")
-                  + {"auto": "", "stored": "-stored", "int4": "-head4", "rescore": "-rescore"}[self.lm_head])
+                  + {"auto": "", "stored": "-stored", "int4": "-head4", "rescore": "-rescore"}[self.lm_head]
+                  + ("-kv16" if self.kv_dtype == "float16" else ""))
         if self.quant == "fp32":
             return f"{fingerprint[:16]}-fp32-g{GRAPH_VERSION}{suffix}"
         return (f"{fingerprint[:16]}-{self.quant}-bs{self.block_size}-acc{self.accuracy_level}-{self.source}"
@@ -580,7 +591,7 @@ class _Graph:
         ids = self.input("input_ids", TensorProto.INT64, ["T"])
         positions = self.input("positions", TensorProto.INT64, ["T"])
         idx = self.input("logits_indices", TensorProto.INT64, ["S"])
-        cache = self.input("kv_cache", TensorProto.FLOAT,
+        cache = self.input("kv_cache", TensorProto.FLOAT16 if self.options.kv_dtype == "float16" else TensorProto.FLOAT,
                            [c.num_layers, 2, "num_blocks", "block_size", c.num_kv_heads, c.head_dim])
         meta = [cache,
                 self.input("block_tables", TensorProto.INT32, ["num_seqs", "max_blocks"]),

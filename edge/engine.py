@@ -59,20 +59,24 @@ class EdgeEngine(AsyncEngine):
     @classmethod
     def from_model(cls, model: str | os.PathLike[str] | None = None, *, quant: Quant = "int4",
                    config: EngineConfig | None = None, threads: int | None = None,
-                   cache_root: Path | None = None, source: Source = "auto", lm_head: LmHead = "auto") -> EdgeEngine:
+                   cache_root: Path | None = None, source: Source = "auto", lm_head: LmHead = "auto",
+                   kv_dtype: str = "auto") -> EdgeEngine:
         """Build (or reuse from the on-disk cache) the ONNX model for ``model`` and wrap it in an engine.
 
         Without ``config`` the engine uses :func:`default_block_size` for its device. ``source`` is
         :class:`edge.builder.BuildOptions`' (``"auto"``: GGUF blocks exactly; ``"fast"``: Q4_1 re-quantized), and
         so is ``lm_head`` (``"auto"``: ``"rescore"``, the LM head read at 4 bits with each token's best logits again
         from the stored 8-bit head, where it applies; ``"int4"``: re-quantized to 4 bits, less exact).
+        ``kv_dtype`` is :class:`edge.runner.OnnxRunner`'s (``"auto"``: float16 caches where the fused CPU graph runs,
+        half the bytes for attention to read; else float32); it sets ``config.kv_dtype``.
         """
         path = resolve_model(model)
         checkpoint = load_checkpoint(path)
         runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads, cache_root=cache_root, source=source,
-                            lm_head=lm_head)
+                            lm_head=lm_head, kv_dtype=kv_dtype)
         tokenizer = Tokenizer.from_checkpoint(checkpoint)
         config = config or EngineConfig(block_size=default_block_size(runner.device))
+        config.kv_dtype = runner.kv_dtype
         if runner.device.type == "cuda":
             config.device = str(runner.device)
         core = EngineCore(runner, tokenizer, config, checkpoint.fingerprint)

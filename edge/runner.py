@@ -26,19 +26,21 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
 from edge import hugepages, ortop
-from edge.builder import LAYOUTS, MATMULS, BuildOptions, LmHead, OnnxModel, Quant, Source, build_onnx_model
+from edge.builder import LAYOUTS, MATMULS, BuildOptions, KvDtype, LmHead, OnnxModel, Quant, Source, build_onnx_model
 from kernels.attention import IMPLS, attention_kv, resolve_impl
 from kernels.checkpoints import Checkpoint, ModelConfig
 from kernels.runner import ModelInput
 
 _MAX_CACHED_SHAPES = 8
-_NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
+_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
+_KV_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def physical_cores() -> int:
@@ -90,6 +92,8 @@ class OnnxRunner:
     share (``self.intra_op_num_threads`` says the size in force). ``providers`` defaults to CUDA when torch
     sees a GPU, else CPU. ``attention_threads`` is torch's thread count during a CPU step (``None`` leaves it).
     ``huge_pages`` (CPU, ``matmul="hgw"``) keeps the weights in transparent huge pages (:mod:`edge.hugepages`).
+    ``kv_dtype`` (``"float32"``, or for the fused layout ``"float16"``; ``"auto"``: float16 where the layout is
+    fused, else float32) is the element type of the caches :meth:`execute` takes (``self.kv_dtype``, a torch dtype).
     One runner executes one step at a time (its bound buffers are reused across steps).
 
     >>> runner = OnnxRunner("SmolLM2-135M-Instruct.Q4_1.gguf", quant="int4")  # doctest: +SKIP
@@ -101,7 +105,7 @@ class OnnxRunner:
                  intra_op_num_threads: int | None = None, providers: Sequence[str] | None = None,
                  attention_impl: str = "auto", layout: str = "auto", matmul: str = "auto", lm_head: LmHead = "auto",
                  attention_threads: int | None = 1, cache_root: Path | None = None,
-                 force_build: bool = False, huge_pages: bool = True) -> None:
+                 force_build: bool = False, huge_pages: bool = True, kv_dtype: str = "float32") -> None:
         if attention_impl not in IMPLS:
             raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")
         if intra_op_num_threads is not None and (not isinstance(intra_op_num_threads, int) or intra_op_num_threads < 1):
@@ -120,8 +124,14 @@ class OnnxRunner:
             matmul = ("hgw" if self.layout == "fused" and quant == "int4" and block_size == 32
                       and accuracy_level in (None, 4) else "ort")
         self.matmul = matmul
+        if kv_dtype not in ("auto", *_KV_TORCH_DTYPES):
+            raise ValueError(f"kv_dtype must be one of {('auto', *_KV_TORCH_DTYPES)}, got {kv_dtype!r}")
+        if kv_dtype == "auto":  # half caches where the fused op reads them, float32 for the split layout
+            kv_dtype = "float16" if self.layout == "fused" else "float32"
         options = BuildOptions(quant=quant, block_size=block_size, accuracy_level=accuracy_level, source=source,
-                               layout=self.layout, matmul=matmul, lm_head=lm_head)
+                               layout=self.layout, matmul=matmul, lm_head=lm_head, kv_dtype=cast(KvDtype, kv_dtype))
+        # The cache's element type (EngineCore allocates it: EngineConfig.kv_dtype; edge.engine passes this one).
+        self.kv_dtype: torch.dtype = _KV_TORCH_DTYPES[kv_dtype]
         self.model: OnnxModel = build_onnx_model(checkpoint, options, cache_root=cache_root, force=force_build)
         self.config: ModelConfig = self.model.config
         self.lm_head = self.model.lm_head  # "auto" resolved: "stored", "int4" or "rescore"
@@ -258,9 +268,9 @@ class OnnxRunner:
                 or kv_cache.shape[4:] != (c.num_kv_heads, c.head_dim)):
             raise ValueError(f"kv_cache must be [num_layers={c.num_layers}, 2, num_blocks, block_size, "
                              f"num_kv_heads={c.num_kv_heads}, head_dim={c.head_dim}], got {tuple(kv_cache.shape)}")
-        if kv_cache.dtype != torch.float32 or kv_cache.device != self.device:
-            raise ValueError(f"kv_cache must be float32 on {self.device} (the graphs compute in float32), "
-                             f"got {kv_cache.dtype} on {kv_cache.device}")
+        if kv_cache.dtype != self.kv_dtype or kv_cache.device != self.device:
+            raise ValueError(f"kv_cache must be {str(self.kv_dtype).removeprefix('torch.')} on {self.device} (the "
+                             f"runner's kv_dtype), got {kv_cache.dtype} on {kv_cache.device}")
 
     def _step_buffers(self, num_tokens: int, num_sampled: int) -> _StepBuffers:
         key = (num_tokens, num_sampled)

@@ -159,7 +159,7 @@ async def _start_edge(settings: GatewaySettings) -> Backend:
                           kv_cache_bytes=settings.edge_kv_cache_mb << 20)
     engine = await asyncio.to_thread(EdgeEngine.from_model, settings.edge_model, quant=settings.edge_quant,
                                      config=config, threads=settings.edge_threads, source=settings.edge_source,
-                                     lm_head=settings.edge_lm_head)
+                                     lm_head=settings.edge_lm_head, kv_dtype=settings.edge_kv_dtype)
     return InProcessBackend(engine, name="edge")
 
 

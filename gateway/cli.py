@@ -169,6 +169,8 @@ def bench_edge(
                                               "stored (like the other weights) | int4 (re-quantized to 4 bits, as "
                                               "onnxruntime-genai's int4 builds; less exact).")]
     = "auto",
+    kv_dtype: Annotated[str, typer.Option(help="KV cache: auto (float16 on the fused CPU graph, else float32) | "
+                                               "float16 | float32.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads for ours and every peer (default: cores).")] = None,
     peers: Annotated[str, typer.Option(help="Comma-separated peers to run if installed "
                                              "(set up with `python bench/peers/setup.py`); empty = none.")]
@@ -202,16 +204,18 @@ def bench_edge(
     checkpoint = load_checkpoint(resolve_model(model, console=err_console))
     try:
         runner = OnnxRunner(checkpoint, quant, intra_op_num_threads=threads, source=source, matmul=matmul,
-                            lm_head=lm_head)
+                            lm_head=lm_head, kv_dtype=kv_dtype)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
     block_size = block_size or default_block_size(runner.device)
     config = EngineConfig(block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
-                          enable_prefix_caching=prefix_caching)
+                          enable_prefix_caching=prefix_caching, kv_dtype=runner.kv_dtype)
     core = EngineCore(runner, tokenizer, config, checkpoint.fingerprint)
     describe = {"engine": "hybrid-gateway edge", "quant": quant, "source": source, "threads": threads,
                 "layout": runner.layout, "matmul": runner.matmul, "lm_head": runner.lm_head,
+                "weights_huge_pages": runner.weights_huge_pages,
+                "kv_dtype": str(runner.kv_dtype).removeprefix("torch."),
                 "weights_bytes": decode_bytes_per_token(runner.model.paths, runner.config), "block_size": block_size,
                 "prefix_caching": prefix_caching}
     protocol = {"new_tokens": new_tokens, "repeats": repeats,

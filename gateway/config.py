@@ -154,6 +154,10 @@ class GatewaySettings(BaseSettings):
                             "stored = like the other weights (the GGUF's Q8_0 head exactly); int4 = re-quantized "
                             "to 4 bits (less exact); auto = rescore where it applies (BlockQuantMatMul, a head not "
                             "stored at 4 bits), else stored.")
+    edge_kv_dtype: Literal["auto", "float32", "float16"] = Field(
+        "auto", description="Edge KV cache element type: float16 = K and V stored as half (half the bytes attention "
+                            "reads; arithmetic stays float32), fused CPU graph only; auto = float16 there, else "
+                            "float32.")
     edge_threads: int | None = Field(None, ge=1, description="CPU threads for the edge engine "
                                                              "(unset = physical cores).")
     edge_max_num_seqs: int = Field(64, ge=1, description="Most sequences the edge engine runs at once.")

@@ -15,7 +15,8 @@
 // Inputs (T = new tokens this step, S = sequences; kernels/attention/metadata.py for the length terms):
 //   0 qkv          [T, (H + 2 KVH) * D] float   the fused q/k/v projection, before RoPE
 //   1 cos, 2 sin   [T, D / 2] float             RoPE tables at each token's position (rotate-half)
-//   3 kv_cache     [L, 2, num_blocks, block_size, KVH, D] float   the whole cache; this layer's K/V are written
+//   3 kv_cache     [L, 2, num_blocks, block_size, KVH, D] float or float16   the whole cache; this layer's K/V are
+//                                                 written (a half cache: rounded to nearest-even once rotated)
 //   4 block_tables [S, max_blocks] int32
 //   5 seq_lens     [S] int32                   context + new tokens
 //   6 cu_seqlens_q [S + 1] int32               sequence i's new tokens are rows cu[i] .. cu[i+1] - 1
@@ -64,6 +65,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -75,6 +77,7 @@ namespace {
 const OrtApi* g_api = nullptr;
 
 constexpr int64_t kTileTokens = 8;
+constexpr bool kHalfCaches = HGW_HAVE_FLOAT16;  // PagedAttention takes float16 caches too
 // Below this much K/V (floats read), handing tiles to other threads costs more than it saves.
 constexpr int64_t kParallelMinFloats = 192 * 1024;
 // A small step's next layer K/V (up to this many floats) is prefetched when this layer's attention is done.
@@ -145,10 +148,11 @@ struct AttentionKernel {
     int64_t seq, first, count;
   };
 
+  template <typename T>
   struct Work {
     const AttentionKernel* kernel;
-    hgw::PagedKV kv;
-    hgw::AttendFn attend;
+    hgw::PagedKVOf<T> kv;
+    hgw::AttendFnOf<T> attend;
     const Item* items;
     const int32_t* block_tables;
     int64_t max_blocks, head_dim, group;
@@ -158,8 +162,9 @@ struct AttentionKernel {
     float* out;      // [T, H, D]
   };
 
+  template <typename T>
   static void run_item(void* data, size_t index) {
-    const Work& w = *static_cast<const Work*>(data);
+    const Work<T>& w = *static_cast<const Work<T>*>(data);
     const Item& item = w.items[index];
     const int64_t rows = item.count * w.group;  // per KV head: the tile's tokens x the group's query heads
     const int64_t heads = w.kernel->num_heads, num_kv = w.kernel->num_kv_heads;
@@ -188,19 +193,40 @@ struct AttentionKernel {
   }
 
   void compute(OrtKernelContext* ctx) const {
+    const OrtValue* value = nullptr;
+    HGW_ORT(g_api->KernelContext_GetInput(ctx, 3, &value));
+    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    if (value != nullptr) {
+      OrtTensorTypeAndShapeInfo* info = nullptr;
+      HGW_ORT(g_api->GetTensorTypeAndShape(value, &info));
+      OrtStatus* status = g_api->GetTensorElementType(info, &type);
+      g_api->ReleaseTensorTypeAndShapeInfo(info);
+      HGW_ORT(status);
+    }
+#if HGW_HAVE_FLOAT16
+    if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return compute_as<hgw::float16>(ctx, type);
+#endif
+    compute_as<float>(ctx, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);  // refuses any other type
+  }
+
+  // T: the cache's element type (float, or half where the compiler has _Float16); all arithmetic is float.
+  template <typename T>
+  void compute_as(OrtKernelContext* ctx, ONNXTensorElementDataType cache_type) const {
     const auto F = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     const auto I32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
     const auto qkv = input<float>(ctx, 0, F, 2, "qkv", "float [T, (num_heads + 2 num_kv_heads) head_dim]");
     const auto cos = input<float>(ctx, 1, F, 2, "cos", "float [T, head_dim / 2]");
     const auto sin = input<float>(ctx, 2, F, 2, "sin", "float [T, head_dim / 2]");
-    const auto cache = input<float>(ctx, 3, F, 6, "kv_cache",
-                                    "float [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]");
+    const auto cache = input<T>(ctx, 3, cache_type, 6, "kv_cache",
+                                kHalfCaches ? "float or float16 [num_layers, 2, num_blocks, block_size, num_kv_heads, "
+                                              "head_dim]"
+                                            : "float [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]");
     const auto tables = input<int32_t>(ctx, 4, I32, 2, "block_tables", "int32 [S, max_blocks]");
     const auto seq_lens = input<int32_t>(ctx, 5, I32, 1, "seq_lens", "int32 [S]");
     const auto cu = input<int32_t>(ctx, 6, I32, 1, "cu_seqlens_q", "int32 [S + 1]");
     const auto slots = input<int64_t>(ctx, 7, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 1, "slot_mapping", "int64 [T]");
 
-    const int64_t T = qkv.dims[0], H = num_heads, KVH = num_kv_heads;
+    const int64_t T_ = qkv.dims[0], H = num_heads, KVH = num_kv_heads;
     const int64_t L = cache.dims[0], num_blocks = cache.dims[2], block_size = cache.dims[3], D = cache.dims[5];
     const int64_t S = seq_lens.dims[0], max_blocks = tables.dims[1], half = D / 2;
     if (cache.dims[1] != 2 || cache.dims[4] != KVH || D % 2 != 0 || layer >= L) {
@@ -211,15 +237,15 @@ struct AttentionKernel {
       throw Error("PagedAttention: qkv has " + str(qkv.dims[1]) + " columns, expected (" + str(H) + " + 2 x " +
                   str(KVH) + ") x " + str(D));
     }
-    if (cos.dims[0] != T || cos.dims[1] != half || sin.dims != cos.dims) {
-      throw Error("PagedAttention: cos and sin must be [" + str(T) + ", " + str(half) + "]");
+    if (cos.dims[0] != T_ || cos.dims[1] != half || sin.dims != cos.dims) {
+      throw Error("PagedAttention: cos and sin must be [" + str(T_) + ", " + str(half) + "]");
     }
-    if (tables.dims[0] != S || cu.dims[0] != S + 1 || slots.dims[0] != T) {
+    if (tables.dims[0] != S || cu.dims[0] != S + 1 || slots.dims[0] != T_) {
       throw Error("PagedAttention: block_tables, seq_lens, cu_seqlens_q and slot_mapping disagree on S=" + str(S) +
-                  " sequences and T=" + str(T) + " tokens");
+                  " sequences and T=" + str(T_) + " tokens");
     }
-    if (S < 1 || cu.data[0] != 0 || cu.data[S] != T) {
-      throw Error("PagedAttention: cu_seqlens_q must run from 0 to T=" + str(T));
+    if (S < 1 || cu.data[0] != 0 || cu.data[S] != T_) {
+      throw Error("PagedAttention: cu_seqlens_q must run from 0 to T=" + str(T_));
     }
     for (int64_t i = 0; i < S; ++i) {
       const int64_t q_len = cu.data[i + 1] - cu.data[i];
@@ -233,37 +259,47 @@ struct AttentionKernel {
       if (!error.empty()) throw Error("PagedAttention: " + error);
     }
     const int64_t num_slots = num_blocks * block_size;
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = 0; t < T_; ++t) {
       if (slots.data[t] < -1 || slots.data[t] >= num_slots) {
         throw Error("PagedAttention: slot_mapping[" + str(t) + "] = " + str(slots.data[t]) + " is not a slot of the "
                     "cache (" + str(num_slots) + " slots)");
       }
     }
 
-    const int64_t out_dims[2] = {T, H * D};
+    const int64_t out_dims[2] = {T_, H * D};
     OrtValue* out_value = nullptr;
     HGW_ORT(g_api->KernelContext_GetOutput(ctx, 0, out_dims, 2, &out_value));
     void* out_data = nullptr;
     HGW_ORT(g_api->GetTensorMutableData(out_value, &out_data));
-    if (T == 0) return;
+    if (T_ == 0) return;
 
     // RoPE on q (into scratch) and k (into its cache slot); v copied to its slot. All writes come first:
     // a prefill chunk's tokens read each other's K/V.
     const int64_t row = KVH * D, layer_stride = 2 * num_blocks * block_size * row;
-    float* k_cache = cache.data + layer * layer_stride;
-    float* v_cache = k_cache + num_blocks * block_size * row;
-    thread_local std::vector<float> q_rot;
-    q_rot.resize(static_cast<size_t>(T * H * D));
-    for (int64_t t = 0; t < T; ++t) {
+    T* k_cache = cache.data + layer * layer_stride;
+    T* v_cache = k_cache + num_blocks * block_size * row;
+    thread_local std::vector<float> q_rot, k_rot;
+    q_rot.resize(static_cast<size_t>(T_ * H * D));
+    k_rot.resize(static_cast<size_t>(row));
+    for (int64_t t = 0; t < T_; ++t) {
       const float* x = qkv.data + t * (H + 2 * KVH) * D;
       const float* c = cos.data + t * half;
       const float* s = sin.data + t * half;
       for (int64_t h = 0; h < H; ++h) rope(x + h * D, c, s, half, q_rot.data() + (t * H + h) * D);
       const int64_t slot = slots.data[t];
       if (slot < 0) continue;
-      float* k_dst = k_cache + slot * row;  // [num_blocks, block_size] flatten to slots: block * bs + offset
-      for (int64_t h = 0; h < KVH; ++h) rope(x + (H + h) * D, c, s, half, k_dst + h * D);
-      std::memcpy(v_cache + slot * row, x + (H + KVH) * D, sizeof(float) * row);
+      T* k_dst = k_cache + slot * row;  // [num_blocks, block_size] flatten to slots: block * bs + offset
+      if constexpr (std::is_same<T, float>::value) {
+        for (int64_t h = 0; h < KVH; ++h) rope(x + (H + h) * D, c, s, half, k_dst + h * D);
+        std::memcpy(v_cache + slot * row, x + (H + KVH) * D, sizeof(float) * row);
+      } else {  // rounded to the cache's type (nearest-even) once rotated
+        for (int64_t h = 0; h < KVH; ++h) rope(x + (H + h) * D, c, s, half, k_rot.data() + h * D);
+        T* v_dst = v_cache + slot * row;
+        for (int64_t i = 0; i < row; ++i) {
+          k_dst[i] = static_cast<T>(k_rot[i]);
+          v_dst[i] = static_cast<T>(x[(H + KVH) * D + i]);
+        }
+      }
     }
 
     thread_local std::vector<Item> items;
@@ -277,18 +313,18 @@ struct AttentionKernel {
         floats += 2 * width * row;
       }
     }
-    const hgw::PagedKV kv{k_cache, v_cache, block_size * row, row, block_size * row, row, block_size, D, scale};
-    Work work{this, kv, hgw::attend_fn(D, false), items.data(), tables.data, max_blocks, D, H / KVH,
-              seq_lens.data, cu.data, q_rot.data(), static_cast<float*>(out_data)};
+    const hgw::PagedKVOf<T> kv{k_cache, v_cache, block_size * row, row, block_size * row, row, block_size, D, scale};
+    Work<T> work{this, kv, hgw::attend_fn<T>(D, false), items.data(), tables.data, max_blocks, D, H / KVH,
+                 seq_lens.data, cu.data, q_rot.data(), static_cast<float*>(out_data)};
     if (items.size() > 1 && floats >= kParallelMinFloats) {
-      HGW_ORT(g_api->KernelContext_ParallelFor(ctx, &AttentionKernel::run_item, items.size(), 0, &work));
+      HGW_ORT(g_api->KernelContext_ParallelFor(ctx, &AttentionKernel::run_item<T>, items.size(), 0, &work));
     } else {
-      for (size_t i = 0; i < items.size(); ++i) run_item(&work, i);
+      for (size_t i = 0; i < items.size(); ++i) run_item<T>(&work, i);
     }
 #ifndef HGW_NO_NEXT_LAYER_PREFETCH
     if (layer + 1 < L && floats <= kNextLayerPrefetchFloats) {
-      const float* k_next = k_cache + layer_stride;
-      const float* v_next = v_cache + layer_stride;
+      const T* k_next = k_cache + layer_stride;
+      const T* v_next = v_cache + layer_stride;
       for (int64_t i = 0; i < S; ++i) {
         const int32_t* table = tables.data + i * max_blocks;
         for (int64_t pos = 0; pos < seq_lens.data[i]; pos += block_size) {
@@ -304,7 +340,8 @@ struct AttentionKernel {
 
   static size_t num_inputs() { return 8; }
   static ONNXTensorElementDataType input_type(size_t i) {
-    if (i <= 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    if (i == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // kv_cache: float or float16 (checked per run)
+    if (i <= 2) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     if (i <= 6) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
   }

@@ -139,10 +139,17 @@ def test_incomplete_cache_entry_is_rebuilt(tiny_llama, tmp_path) -> None:
     ({"quant": "int8", "block_size": 8}, "block_size must be a power of two"),
     ({"quant": "int4", "accuracy_level": 7}, "accuracy_level"),
     ({"quant": "int4", "source": "exact"}, "source must be one of"),
+    ({"kv_dtype": "float16"}, "float16 with layout='fused' only"),
+    ({"layout": "fused", "kv_dtype": "int8"}, "kv_dtype must be one of"),
 ])
 def test_bad_build_options(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         BuildOptions(**kwargs)
+
+
+def test_half_cache_build_key() -> None:
+    fused = BuildOptions(layout="fused")
+    assert BuildOptions(layout="fused", kv_dtype="float16").key("0" * 20) == fused.key("0" * 20) + "-kv16"
 
 
 def test_bad_quantize_arguments() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from edge.engine import EdgeEngine
 from edge.runner import OnnxRunner
@@ -103,3 +104,5 @@ def test_edge_engine_async_api(edge, tmp_path):
     assert all(sum(len(o.token_ids) for o in outs) == 12 and outs[-1].finished for outs in results)
     assert stats.num_blocks_used == 0 and stats.num_running == 0 and stats.tokens_per_second > 0
     assert engine.model_id.endswith("-fp32")
+    # on CPU the fused graph runs and kv_dtype "auto" stores K and V as half
+    assert engine.core.kv_cache.dtype == engine.core.config.kv_dtype == torch.float16

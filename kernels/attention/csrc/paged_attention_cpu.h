@@ -1,4 +1,5 @@
-// Paged attention on CPU, float32, straight off the shared KV-cache format: the arithmetic core.
+// Paged attention on CPU, float32 arithmetic, straight off the shared KV-cache format: the arithmetic core. The
+// cache holds float or (where the compiler has _Float16) IEEE half elements: attend_fn<T>, PagedKVOf<T>.
 //
 // Header-only and free of any framework, so that every binding shares one implementation:
 //   * paged_decode_cpu.cpp        the PyTorch op (kernels.attention.native), one query per sequence;
@@ -29,6 +30,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace hgw {
@@ -38,21 +40,30 @@ struct Dim {
   static constexpr int value = kDim;
 };
 
+// Cache element types: float, and IEEE half where the compiler has _Float16 (GCC 12+, Clang 15+ on x86-64 and
+// AArch64). A half cache holds K and V rounded to nearest-even; all arithmetic stays float32.
+#if defined(__FLT16_MAX__)
+#define HGW_HAVE_FLOAT16 1
+using float16 = _Float16;
+#else
+#define HGW_HAVE_FLOAT16 0
+#endif
+
 // head_dim known at compile time for the common sizes, so the portable loops vectorise fully.
-template <typename DimT>
-inline float dot(const float* __restrict a, const float* __restrict b, int dim) {
+template <typename DimT, typename T>
+inline float dot(const float* __restrict a, const T* __restrict b, int dim) {
   const int n = DimT::value > 0 ? DimT::value : dim;
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
+  for (int i = 0; i < n; ++i) acc += a[i] * static_cast<float>(b[i]);
   return acc;
 }
 
-template <typename DimT>
-inline void axpy(float w, const float* __restrict x, float* __restrict y, int dim) {
+template <typename DimT, typename T>
+inline void axpy(float w, const T* __restrict x, float* __restrict y, int dim) {
   const int n = DimT::value > 0 ? DimT::value : dim;
 #pragma omp simd
-  for (int i = 0; i < n; ++i) y[i] += w * x[i];
+  for (int i = 0; i < n; ++i) y[i] += w * static_cast<float>(x[i]);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -84,6 +95,12 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
+// 8 cache elements as floats (a half cache needs F16C, which every AVX2 x86 CPU has).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+#if HGW_HAVE_FLOAT16 && defined(__F16C__)
+inline __m256 load8(const float16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+
 inline float hsum(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_hadd_ps(s, s);
@@ -94,14 +111,16 @@ inline float hsum(__m256 a) {
 constexpr bool kHaveAvx2 = false;
 #endif
 
-// One layer's K and V halves of the paged cache (the KV head's offset is added per tile).
-struct PagedKV {
-  const float* k;
-  const float* v;
+// One layer's K and V halves of the paged cache (the KV head's offset is added per tile); strides in elements.
+template <typename T>
+struct PagedKVOf {
+  const T* k;
+  const T* v;
   int64_t k_block_stride, k_slot_stride, v_block_stride, v_slot_stride;
   int64_t block_size, head_dim;
   float scale;
 };
+using PagedKV = PagedKVOf<float>;
 
 // A tile: query vectors of one sequence (block table `table`) for the KV heads kv_head0 .. kv_head0 + num_kv - 1,
 // `rows` of them per KV head (the group's query heads times the tile's new tokens), KV-head-major. Taking every
@@ -119,9 +138,11 @@ struct Tile {
 // How far ahead pass 1 prefetches K, in cached positions.
 constexpr int64_t kPrefetchSlots = 16;
 
-inline void prefetch_lines(const float* p, int64_t floats, int hint) {
+// Prefetches the cache lines of p[0 .. count): into L1 (hint 0) or L2 (hint 1).
+template <typename T>
+inline void prefetch_lines(const T* p, int64_t count, int hint) {
 #if defined(__AVX2__) && defined(__FMA__)
-  for (int64_t i = 0; i < floats; i += 16) {
+  for (int64_t i = 0; i < count; i += static_cast<int64_t>(64 / sizeof(T))) {
     if (hint == 0) {
       _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
     } else {
@@ -129,13 +150,13 @@ inline void prefetch_lines(const float* p, int64_t floats, int hint) {
     }
   }
 #else
-  (void)p, (void)floats, (void)hint;
+  (void)p, (void)count, (void)hint;
 #endif
 }
 
 // Scores of every row against `count` consecutive slots of one block: scores[r * width + pos + o] = scale * q_r . k_o.
-template <typename DimT, bool kVector>
-inline void block_scores(const float* const* q, const float* kb, int64_t slot_stride, int64_t count, int64_t rows,
+template <typename DimT, bool kVector, typename T>
+inline void block_scores(const float* const* q, const T* kb, int64_t slot_stride, int64_t count, int64_t rows,
                          int dim, float scale, float* scores, int64_t width, int64_t pos) {
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (kVector) {
@@ -143,28 +164,28 @@ inline void block_scores(const float* const* q, const float* kb, int64_t slot_st
       const __m128 vscale = _mm_set1_ps(scale);
       int64_t o = 0;
       for (; o + 4 <= count; o += 4) {
-        const float* k0 = kb + o * slot_stride;
-        const float* k1 = k0 + slot_stride;
-        const float* k2 = k1 + slot_stride;
-        const float* k3 = k2 + slot_stride;
+        const T* k0 = kb + o * slot_stride;
+        const T* k1 = k0 + slot_stride;
+        const T* k2 = k1 + slot_stride;
+        const T* k3 = k2 + slot_stride;
         for (int64_t r = 0; r < rows; ++r) {
           const float* qr = q[r];
           __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
           for (int i = 0; i < dim; i += 8) {
             const __m256 qv = _mm256_loadu_ps(qr + i);
-            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
-            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
-            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
-            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+            a0 = _mm256_fmadd_ps(qv, load8(k0 + i), a0);
+            a1 = _mm256_fmadd_ps(qv, load8(k1 + i), a1);
+            a2 = _mm256_fmadd_ps(qv, load8(k2 + i), a2);
+            a3 = _mm256_fmadd_ps(qv, load8(k3 + i), a3);
           }
           _mm_storeu_ps(scores + r * width + pos + o, _mm_mul_ps(hsum4(a0, a1, a2, a3), vscale));
         }
       }
       for (; o < count; ++o) {
-        const float* kp = kb + o * slot_stride;
+        const T* kp = kb + o * slot_stride;
         for (int64_t r = 0; r < rows; ++r) {
           __m256 a = _mm256_setzero_ps();
-          for (int i = 0; i < dim; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q[r] + i), _mm256_loadu_ps(kp + i), a);
+          for (int i = 0; i < dim; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q[r] + i), load8(kp + i), a);
           scores[r * width + pos + o] = hsum(a) * scale;
         }
       }
@@ -173,7 +194,7 @@ inline void block_scores(const float* const* q, const float* kb, int64_t slot_st
   }
 #endif
   for (int64_t o = 0; o < count; ++o) {
-    const float* kp = kb + o * slot_stride;
+    const T* kp = kb + o * slot_stride;
     for (int64_t r = 0; r < rows; ++r) scores[r * width + pos + o] = dot<DimT>(q[r], kp, dim) * scale;
   }
 }
@@ -207,8 +228,8 @@ inline float softmax_weights(float* row, int64_t len) {
 // out = (sum_{t < len} w[t] v_t) / sum with eight 8-lane accumulators held in registers over all positions,
 // one 64-wide slice of head_dim at a time. Returns false (nothing done) when head_dim is not a multiple of 64
 // or the build has no AVX2.
-template <bool kVector>
-inline bool weighted_values(const float* vh, const int32_t* table, int64_t block_stride, int64_t slot_stride,
+template <bool kVector, typename T>
+inline bool weighted_values(const T* vh, const int32_t* table, int64_t block_stride, int64_t slot_stride,
                             int64_t block_size, int64_t len, int dim, const float* w, float sum, float* out) {
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (kVector) {
@@ -217,12 +238,12 @@ inline bool weighted_values(const float* vh, const int32_t* table, int64_t block
       __m256 acc[8];
       for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
       for (int64_t pos = 0, b = 0; pos < len; ++b) {
-        const float* vb = vh + table[b] * block_stride + d0;
+        const T* vb = vh + table[b] * block_stride + d0;
         const int64_t in_block = std::min(block_size, len - pos);
         for (int64_t o = 0; o < in_block; ++o, ++pos) {
           const __m256 wv = _mm256_set1_ps(w[pos]);
-          const float* vp = vb + o * slot_stride;
-          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vp + 8 * j), acc[j]);
+          const T* vp = vb + o * slot_stride;
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(wv, load8(vp + 8 * j), acc[j]);
         }
       }
       const __m256 inv = _mm256_set1_ps(1.f / sum);
@@ -237,8 +258,8 @@ inline bool weighted_values(const float* vh, const int32_t* table, int64_t block
 }
 
 // One tile: every row's softmax(q K^T * scale) V over its own causal length.
-template <typename DimT, bool kVector>
-void attend_tile(const PagedKV& kv, const Tile& t) {
+template <typename DimT, bool kVector, typename T>
+void attend_tile(const PagedKVOf<T>& kv, const Tile& t) {
   const int dim = static_cast<int>(kv.head_dim);
   int64_t width = 0;
   for (int64_t r = 0; r < t.rows; ++r) width = std::max(width, t.lens[r]);
@@ -253,38 +274,38 @@ void attend_tile(const PagedKV& kv, const Tile& t) {
   // into L2 for pass 2.
   auto prefetch_k = [&](int64_t p) {
     if (p < width) {
-      const float* k = kv.k + t.table[p / kv.block_size] * kv.k_block_stride + (p % kv.block_size) * kv.k_slot_stride;
+      const T* k = kv.k + t.table[p / kv.block_size] * kv.k_block_stride + (p % kv.block_size) * kv.k_slot_stride;
       prefetch_lines(k + t.kv_head0 * kv.head_dim, span, 0);
     }
   };
   for (int64_t p = 0; p < std::min<int64_t>(kPrefetchSlots, width); ++p) prefetch_k(p);
   for (int64_t b = 0, pos = 0; b < used_blocks; ++b) {
     const int64_t in_block = std::min(kv.block_size, width - pos);
-    const float* kb = kv.k + t.table[b] * kv.k_block_stride + t.kv_head0 * kv.head_dim;
+    const T* kb = kv.k + t.table[b] * kv.k_block_stride + t.kv_head0 * kv.head_dim;
     for (int64_t o = 0; o < in_block; ++o) prefetch_k(pos + o + kPrefetchSlots);
-    const float* vb = kv.v + t.table[b] * kv.v_block_stride + t.kv_head0 * kv.head_dim;
+    const T* vb = kv.v + t.table[b] * kv.v_block_stride + t.kv_head0 * kv.head_dim;
     for (int64_t o = 0; o < in_block; ++o) prefetch_lines(vb + o * kv.v_slot_stride, span, 1);
     for (int64_t h = 0; h < t.num_kv; ++h) {
-      block_scores<DimT, kVector>(t.q + h * t.rows, kb + h * kv.head_dim, kv.k_slot_stride, in_block, t.rows, dim,
+      block_scores<DimT, kVector, T>(t.q + h * t.rows, kb + h * kv.head_dim, kv.k_slot_stride, in_block, t.rows, dim,
                                   kv.scale, scores.data() + h * t.rows * width, width, pos);
     }
     pos += in_block;
   }
   // Per row: softmax weights over its own length (unnormalised), then the weighted sum of V, normalised.
   for (int64_t h = 0; h < t.num_kv; ++h) {
-    const float* vh = kv.v + (t.kv_head0 + h) * kv.head_dim;
+    const T* vh = kv.v + (t.kv_head0 + h) * kv.head_dim;
     for (int64_t r = 0; r < t.rows; ++r) {
       const int64_t len = t.lens[r];
       const int64_t row = h * t.rows + r;
       float* w = scores.data() + row * width;
       const float sum = softmax_weights<kVector>(w, len);
-      if (weighted_values<kVector>(vh, t.table, kv.v_block_stride, kv.v_slot_stride, kv.block_size, len, dim, w, sum,
+      if (weighted_values<kVector, T>(vh, t.table, kv.v_block_stride, kv.v_slot_stride, kv.block_size, len, dim, w, sum,
                                    t.out[row])) {
         continue;
       }
       acc.assign(static_cast<size_t>(dim), 0.f);
       for (int64_t b = 0, pos = 0; pos < len; ++b) {
-        const float* vbh = vh + t.table[b] * kv.v_block_stride;
+        const T* vbh = vh + t.table[b] * kv.v_block_stride;
         const int64_t in_block = std::min(kv.block_size, len - pos);
         for (int64_t o = 0; o < in_block; ++o, ++pos) axpy<DimT>(w[pos], vbh + o * kv.v_slot_stride, acc.data(), dim);
       }
@@ -295,14 +316,30 @@ void attend_tile(const PagedKV& kv, const Tile& t) {
 }
 
 // attend_tile with head_dim and the loop kind resolved: fn(kv, tile) for the common head sizes.
-using AttendFn = void (*)(const PagedKV&, const Tile&);
+template <typename T>
+using AttendFnOf = void (*)(const PagedKVOf<T>&, const Tile&);
+using AttendFn = AttendFnOf<float>;
 
-inline AttendFn attend_fn(int64_t head_dim, bool portable) {
-  const bool vector = kHaveAvx2 && !portable;
+template <typename T = float>
+inline AttendFnOf<T> attend_fn(int64_t head_dim, bool portable) {
+#if defined(__F16C__)
+  constexpr bool kLoads = true;
+#else
+  constexpr bool kLoads = std::is_same<T, float>::value;  // load8 of a half cache needs F16C
+#endif
+  if constexpr (kHaveAvx2 && kLoads) {
+    if (!portable) {
+      switch (head_dim) {
+        case 64: return &attend_tile<Dim<64>, true, T>;
+        case 128: return &attend_tile<Dim<128>, true, T>;
+        default: return &attend_tile<Dim<0>, true, T>;
+      }
+    }
+  }
   switch (head_dim) {
-    case 64: return vector ? &attend_tile<Dim<64>, true> : &attend_tile<Dim<64>, false>;
-    case 128: return vector ? &attend_tile<Dim<128>, true> : &attend_tile<Dim<128>, false>;
-    default: return vector ? &attend_tile<Dim<0>, true> : &attend_tile<Dim<0>, false>;
+    case 64: return &attend_tile<Dim<64>, false, T>;
+    case 128: return &attend_tile<Dim<128>, false, T>;
+    default: return &attend_tile<Dim<0>, false, T>;
   }
 }
 
