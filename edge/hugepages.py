@@ -1,10 +1,11 @@
 """Weights in 2 MiB pages: an ONNX model's external data read into one anonymous mapping with transparent huge pages.
 
 A batch-1 decode step streams every weight once (~85 MB for SmolLM2-135M int4). In 4 KiB pages each page is a TLB
-miss and a stop for the hardware prefetchers, which end their streams at page boundaries; ONNX Runtime allocates
-each initializer on its own, in whatever pages the heap gives. Our 4-bit matmul loop (``edge/csrc``) streams
-21.8-24.3 GB/s from 4 KiB pages and 28-29 GB/s from 2 MiB ones with 2 threads, 15.5 against 23.5 GB/s with one
-(a C++ harness over 4 rotating copies of the 49152 x 576 head, 2-core AMD EPYC, THP "madvise").
+miss and a stop for the hardware prefetchers, which end their streams at page boundaries; ONNX Runtime maps an
+external data file, so its initializers sit in the file's 4 KiB page-cache pages. Our 4-bit matmul loop
+(``edge/csrc``) streams 21.8-24.3 GB/s from 4 KiB pages and 28-29 GB/s from 2 MiB ones with 2 threads, 15.5
+against 23.5 GB/s with one (a C++ harness over 4 rotating copies of the 49152 x 576 head, 2-core AMD EPYC, THP
+"madvise").
 
 :func:`load` reads the data file into a private anonymous mapping, aligned to 2 MiB and advised ``MADV_HUGEPAGE``
 before any page is touched (so the kernel's THP setting "madvise", the common default, backs it with huge pages),

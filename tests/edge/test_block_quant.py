@@ -267,16 +267,21 @@ def test_rescore_refuses_bad_inputs() -> None:
         bq.RescoredHead(head.scan, head.exact, 0)
 
 
-@pytest.fixture(scope="module")
-def scalar_library(tmp_path_factory) -> str:
-    """The op library built without SIMD (-DHGW_BQ_SCALAR): the loop machines without AVX2 run."""
+def _library_with(define: str, tmp_path_factory) -> str:
+    """The op library built with one more -D flag, into a directory of its own."""
     include = ortop.include_dir()
-    directory = tmp_path_factory.mktemp("scalar")
+    directory = tmp_path_factory.mktemp(define.lower())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ortop, "FLAGS", (*ortop.FLAGS, "-DHGW_BQ_SCALAR"))
+        mp.setattr(ortop, "FLAGS", (*ortop.FLAGS, f"-D{define}"))
         mp.setattr(ortop, "include_dir", lambda: include)
         mp.setattr(ortop, "build_dir", lambda includes: directory)
         return str(ortop._build())
+
+
+@pytest.fixture(scope="module")
+def scalar_library(tmp_path_factory) -> str:
+    """The op library built without SIMD (-DHGW_BQ_SCALAR): the loop machines without AVX2 run."""
+    return _library_with("HGW_BQ_SCALAR", tmp_path_factory)
 
 
 @pytest.mark.parametrize("bits, m, k, n", [(4, 1, 96, 7), (4, 5, 70, 64), (8, 1, 576, 9), (8, 6, 64, 16)])
@@ -303,13 +308,7 @@ def test_portable_prologues_match_reference(scalar_library: str) -> None:
 @pytest.fixture(scope="module")
 def avx2_library(tmp_path_factory) -> str:
     """The op library built without the AVX512-VNNI loop (-DHGW_BQ_NO_VNNI): what AVX2-only machines run."""
-    include = ortop.include_dir()
-    directory = tmp_path_factory.mktemp("avx2")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ortop, "FLAGS", (*ortop.FLAGS, "-DHGW_BQ_NO_VNNI"))
-        mp.setattr(ortop, "include_dir", lambda: include)
-        mp.setattr(ortop, "build_dir", lambda includes: directory)
-        return str(ortop._build())
+    return _library_with("HGW_BQ_NO_VNNI", tmp_path_factory)
 
 
 VNNI_GRID = list(itertools.product((4, 8), (1, 3, 4, 6, 17), (64, 576), (8, 200)))
