@@ -61,15 +61,3 @@ def zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     buf, start, _ = mapping(nbytes)
     return torch.frombuffer(buf, dtype=dtype, count=count, offset=start).view(tuple(shape))
 
-
-def anon_huge_bytes() -> int | None:
-    """This process's anonymous memory in huge pages (``AnonHugePages`` of /proc/self/smaps_rollup), None where
-    unknown."""
-    try:
-        with open("/proc/self/smaps_rollup", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
