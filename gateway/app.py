@@ -136,7 +136,7 @@ def _load_router(settings: GatewaySettings, injected: Router | str | None) -> Ro
     if injected == NO_ROUTER:
         return None
     router = injected if isinstance(injected, Router) else (
-        load_router(settings.router_dir) if settings.router_dir else default_router())
+        load_router(settings.router_dir) if settings.router_dir else default_router(settings.router_mode))
     if settings.router_threshold is not None:
         router.set_threshold(settings.router_threshold, {"kind": "direct", "source": "router_threshold setting"})
     return router

@@ -139,7 +139,8 @@ def _serve(settings) -> int:
                      else ", ".join(r["url"] for r in state.cloud.replica_states()))
             table.add_row("cloud", str(state.cloud.model_id), where)
         router = state.policy.router
-        table.add_row("router", "shipped default" if settings.router_dir is None else str(settings.router_dir),
+        table.add_row("router", f"shipped {settings.router_mode}" if settings.router_dir is None
+                      else str(settings.router_dir),
                       "none" if router is None else f"threshold {router.threshold:.3f}")
         err_console.print(table)
         auth = "API key required" if state.auth.required else "no API key needed (loopback)"

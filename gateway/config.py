@@ -191,6 +191,9 @@ class GatewaySettings(BaseSettings):
     health_interval_s: float = Field(5, gt=0, description="Seconds between cloud health checks.")
     # Routing
     router_dir: Path | None = Field(None, description="Trained router directory (unset = the shipped default).")
+    router_mode: Literal["fast", "accurate"] = Field(
+        "fast", description="Which shipped router when router_dir is unset: fast (text features, tens of µs) or "
+                            "accurate (+ all-MiniLM-L6-v2 sentence embedding, a few ms; pulled from PyPI once).")
     router_threshold: float | None = Field(None, ge=0, le=1, description="Win-rate threshold above which a "
                                                                          "request goes to the cloud (unset = "
                                                                          "the router's calibrated one).")

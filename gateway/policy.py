@@ -20,6 +20,7 @@ it did in the ``x-hybrid-reason`` header. Stickiness keys a conversation by its 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
@@ -125,11 +126,20 @@ class RoutingPolicy:
             return None, None
         return self.router.score(prompt), self.router.threshold
 
+    async def score_async(self, prompt: str | list[dict[str, Any]]) -> tuple[float | None, float | None]:
+        """:meth:`score` for request handlers: an accurate-mode router (milliseconds of ONNX Runtime per prompt)
+        scores in a worker thread so the event loop keeps serving streams; the fast one (µs) scores inline."""
+        if self.router is not None and self.router.spec.embedding:
+            return await asyncio.to_thread(self.score, prompt)
+        return self.score(prompt)
+
     def decide(self, model: str | None, prompt: str | list[dict[str, Any]], *, identity: str = "anon",
-               session: str | None = None, record: bool = True) -> Decision:
-        """The tier for one request; ``record=False`` (``/v1/route``) leaves the sticky table untouched."""
+               session: str | None = None, record: bool = True,
+               scored: tuple[float | None, float | None] | None = None) -> Decision:
+        """The tier for one request; ``record=False`` (``/v1/route``) leaves the sticky table untouched.
+        ``scored`` is a (score, threshold) pair from :meth:`score_async`, computed here when not given."""
         forced = self.forced_tier(model)
-        score, threshold = self.score(prompt)
+        score, threshold = self.score(prompt) if scored is None else scored
         if forced is not None:
             backend = self.backend(forced)
             if not backend.healthy():

@@ -88,7 +88,7 @@ async def route(request: Request) -> dict[str, Any]:
     prompt = [{"role": m.role, "content": m.text()} for m in body.messages] if body.messages else body.prompt
     _check_prompt_size(gw, prompt)
     d = gw.policy.decide(body.model, prompt, identity=identity, session=request.headers.get("x-hybrid-session"),
-                         record=False)
+                         record=False, scored=await gw.policy.score_async(prompt))
     backend = gw.policy.backend(d.tier)
     return {"tier": d.tier, "model": backend.model_id, "score": d.score, "threshold": d.threshold,
             "reason": d.reason, "reasons": d.reasons}
@@ -123,7 +123,8 @@ async def _serve(request: Request, kind: str, body: ChatCompletionRequest | Comp
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     _check_prompt_size(gw, prompt)
     decision = gw.policy.decide(body.model, prompt, identity=identity,
-                                session=request.headers.get("x-hybrid-session"))
+                                session=request.headers.get("x-hybrid-session"),
+                                scored=await gw.policy.score_async(prompt))
     strip_usage = body.stream and not body.include_usage
     if strip_usage:
         body.stream_options = StreamOptions(include_usage=True)  # exact token counts for limits and metrics

