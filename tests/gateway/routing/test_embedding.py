@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import transformers  # the golden reference (a dev dependency, installed by the README's test command)
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from gateway.routing import FeatureSpec, Router, load_router
@@ -18,8 +19,6 @@ from gateway.routing.errors import ArtefactError
 from gateway.routing.features import EMBEDDINGS, NUM_STATS, FeatureExtractor
 from gateway.routing.onnx_export import export_onnx, onnx_inputs, onnx_scores
 from gateway.routing.train import fit_router
-
-transformers = pytest.importorskip("transformers")  # a dev dependency: the golden reference
 
 TINY = BertShape(vocab=64, hidden=32, heads=4, layers=2, intermediate=48, max_positions=40)
 WORDS = ["prove", "theorem", "derive", "gradient", "optimize", "sql", "query", "write", "compiler", "pass", "find",
