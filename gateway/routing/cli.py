@@ -208,6 +208,20 @@ def _print_reports(reports: list[EvaluationReport]) -> None:
                 f"{m.roc_auc:.3f}",
             )
     console.print(table)
+    with_ci = [(rep.name, name, m) for rep in reports for name, m in rep.methods.items() if m.apgr_ci is not None]
+    if with_ci:
+        ci = Table(title="Paired bootstrap, 95% intervals")
+        for col in ("eval set", "method", "APGR", "APGR − length"):
+            ci.add_column(col, justify="left" if col in ("eval set", "method") else "right")
+        for rep_name, name, m in with_ci:
+            diff = m.apgr_minus_length_ci
+            ci.add_row(
+                rep_name,
+                name,
+                f"[{m.apgr_ci[0]:.3f}, {m.apgr_ci[1]:.3f}]",
+                "" if diff is None else f"[{diff[0]:+.3f}, {diff[1]:+.3f}]",
+            )
+        console.print(ci)
 
 
 @app.command("eval")
@@ -232,6 +246,12 @@ def eval_(
     hash_scale: Annotated[float, typer.Option(help="--loso: weight of the hashed block.")] = 1.0,
     accurate: AccurateOpt = False,
     embedding_tokens: EmbeddingTokensOpt = 128,
+    bootstrap: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Paired bootstrap resamples for 95% intervals of APGR and of APGR minus length's (0 = off)."
+        ),
+    ] = 1000,
     out_dir: Annotated[Path | None, typer.Option(help="Write report JSON and one PNG per eval set here.")] = None,
 ) -> None:
     """Evaluate with RouteLLM's protocol (APGR, CPT(50%), CPT(80%), ROC-AUC) beside random and length baselines."""
@@ -241,9 +261,9 @@ def eval_(
             cfg = _fit_cfg(c, accurate, hash_scale)
             spec = _spec(accurate, None, embedding_tokens)
             if loso:
-                reports = leave_one_source_out(examples, spec=spec, cfg=cfg)
+                reports = leave_one_source_out(examples, spec=spec, cfg=cfg, bootstrap=bootstrap)
             else:
-                reports = [cross_validate(examples, num_folds=cv_folds, spec=spec, cfg=cfg)]
+                reports = [cross_validate(examples, num_folds=cv_folds, spec=spec, cfg=cfg, bootstrap=bootstrap)]
         else:
             router = load_router(router_dir)
             examples, _ = _examples(
@@ -255,7 +275,11 @@ def eval_(
             reports = []
             for name, exs in sorted(by_source.items()):
                 try:
-                    reports.append(evaluate_router(name, exs, router.score_batch, train_hashes=router.training_hashes))
+                    reports.append(
+                        evaluate_router(
+                            name, exs, router.score_batch, train_hashes=router.training_hashes, bootstrap=bootstrap
+                        )
+                    )
                 except TrainingDataError as exc:  # e.g. the router's own training source: nothing left after dedup
                     console.print(f"[yellow]skipped {name}:[/yellow] {exc}")
             if not reports:

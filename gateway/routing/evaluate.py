@@ -11,6 +11,10 @@ ICLR 2025, ``routellm/evals/evaluate.py`` and ``benchmarks.py``), reproduced exa
 - random router: uniform scores, metrics averaged over 10 seeds;
 - the evaluation set is deduplicated against the training prompts first.
 
+Not part of RouteLLM's protocol, added because evaluation sets are small (MT-Bench has 80 prompts): an
+optional paired bootstrap over prompts gives a 95% interval for each APGR and for the router's margin over
+the length baseline, on the same resamples.
+
 Shares are fractions in [0, 1] (RouteLLM prints percentages).
 """
 
@@ -41,9 +45,16 @@ class RoutingMetrics:
     roc_auc: float
     shares: np.ndarray = field(repr=False)  # [11] strong (cloud) share at each threshold, ascending
     quality: np.ndarray = field(repr=False)  # [11] mean quality at each threshold
+    apgr_ci: tuple[float, float] | None = None  # 95% bootstrap interval, when asked for
+    apgr_minus_length_ci: tuple[float, float] | None = None  # same resamples: this APGR − length's APGR
 
-    def as_dict(self) -> dict[str, float]:
-        return {"apgr": self.apgr, "cpt50": self.cpt50, "cpt80": self.cpt80, "roc_auc": self.roc_auc}
+    def as_dict(self) -> dict:
+        out: dict = {"apgr": self.apgr, "cpt50": self.cpt50, "cpt80": self.cpt80, "roc_auc": self.roc_auc}
+        if self.apgr_ci is not None:
+            out["apgr_ci95"] = list(self.apgr_ci)
+        if self.apgr_minus_length_ci is not None:
+            out["apgr_minus_length_ci95"] = list(self.apgr_minus_length_ci)
+        return out
 
 
 def routing_curve(
@@ -116,6 +127,38 @@ def random_baseline(
     )
 
 
+def bootstrap_apgr(
+    scores: dict[str, np.ndarray],
+    strong_quality: np.ndarray,
+    weak_quality: np.ndarray,
+    *,
+    num_samples: int = 1000,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """APGR of every score vector on the same ``num_samples`` resamples of the prompts (drawn with
+    replacement, so the methods are compared pairwise). Resamples where the strong model is not better on
+    average have no PGR and are dropped, for all methods alike."""
+    sq, wq = np.asarray(strong_quality, float), np.asarray(weak_quality, float)
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[float]] = {name: [] for name in scores}
+    for _ in range(num_samples):
+        idx = rng.integers(0, len(sq), len(sq))
+        strong, weak = sq[idx].mean(), wq[idx].mean()
+        if not strong > weak:
+            continue
+        for name, s in scores.items():
+            shares, quality = routing_curve(np.asarray(s, float)[idx], sq[idx], wq[idx])
+            out[name].append(apgr(shares, quality, strong, weak))
+    return {name: np.asarray(v) for name, v in out.items()}
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    if not len(samples):
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def length_scores(prompts: Sequence) -> np.ndarray:
     """The prompt-length baseline: characters of the last user turn."""
     return np.array([len(split_conversation(p)[0]) for p in prompts], dtype=np.float64)
@@ -157,8 +200,10 @@ def evaluate_router(
     *,
     train_hashes: Iterable[int] = (),
     extra_methods: dict[str, Callable[[list], np.ndarray]] | None = None,
+    bootstrap: int = 0,
 ) -> EvaluationReport:
-    """Score ``examples`` (which need strong/weak quality) with the router and the baselines."""
+    """Score ``examples`` (which need strong/weak quality) with the router and the baselines. With
+    ``bootstrap`` > 0, every scored method (not random) also gets 95% intervals from that many resamples."""
     usable = [e for e in examples if e.strong_quality is not None and e.weak_quality is not None]
     usable, removed = deduplicate(usable, train_hashes)
     if len(usable) < NUM_THRESHOLDS:
@@ -166,10 +211,17 @@ def evaluate_router(
     prompts = [e.prompt for e in usable]
     sq = np.array([e.strong_quality for e in usable])
     wq = np.array([e.weak_quality for e in usable])
-    methods = {"router": evaluate_scores(score_batch(prompts), sq, wq)}
+    scores = {"router": score_batch(prompts)}
     for method, fn in (extra_methods or {}).items():
-        methods[method] = evaluate_scores(fn(prompts), sq, wq)
-    methods["length"] = evaluate_scores(length_scores(prompts), sq, wq)
+        scores[method] = fn(prompts)
+    scores["length"] = length_scores(prompts)
+    methods = {method: evaluate_scores(s, sq, wq) for method, s in scores.items()}
+    if bootstrap > 0:
+        samples = bootstrap_apgr(scores, sq, wq, num_samples=bootstrap)
+        for method, m in methods.items():
+            m.apgr_ci = _interval(samples[method])
+            if method != "length":
+                m.apgr_minus_length_ci = _interval(samples[method] - samples["length"])
     methods["random"] = random_baseline(sq, wq)
     return EvaluationReport(name, len(usable), removed, float(sq.mean()), float(wq.mean()), methods)
 

@@ -117,6 +117,7 @@ def leave_one_source_out(
     eval_examples: dict[str, list[Example]] | None = None,
     show_progress: bool = True,
     encoder: SentenceEncoderLike | None = None,
+    bootstrap: int = 0,
 ) -> list[EvaluationReport]:
     """Train on all sources but one, evaluate on the held-out one (deduplicated against training), for each.
 
@@ -132,7 +133,11 @@ def leave_one_source_out(
         test = (eval_examples or {}).get(held_out) or [e for e in examples if e.source == held_out]
         # Ranking metrics do not depend on the Platt step, so skip its 5 extra fits.
         router = fit_router(train, spec=spec, cfg=cfg, show_progress=False, calibrate=False, encoder=encoder)
-        reports.append(evaluate_router(held_out, test, router.score_batch, train_hashes=router.training_hashes))
+        reports.append(
+            evaluate_router(
+                held_out, test, router.score_batch, train_hashes=router.training_hashes, bootstrap=bootstrap
+            )
+        )
         if show_progress:
             r = reports[-1].methods
             apgrs = "  ".join(f"{name} {m.apgr:.3f}" for name, m in r.items())
@@ -148,6 +153,7 @@ def cross_validate(
     cfg: LinearFitConfig | None = None,
     seed: int = 0,
     encoder: SentenceEncoderLike | None = None,
+    bootstrap: int = 0,
 ) -> EvaluationReport:
     """K-fold cross-validation inside one data set: out-of-fold scores of every prompt, evaluated together.
 
@@ -166,4 +172,6 @@ def cross_validate(
         oof[fold] = router.score_batch([examples[i].prompt for i in fold])
     lookup = {id(e.prompt): s for e, s in zip(examples, oof, strict=True)}
     name = "+".join(sorted({e.source for e in examples})) + f" ({num_folds}-fold CV)"
-    return evaluate_router(name, list(examples), lambda prompts: np.array([lookup[id(p)] for p in prompts]))
+    return evaluate_router(
+        name, list(examples), lambda prompts: np.array([lookup[id(p)] for p in prompts]), bootstrap=bootstrap
+    )

@@ -63,6 +63,11 @@ def test_train_calibrate_score_eval_export(tmp_path, binary_file):
     assert report["num_removed_duplicates"] >= 1 and report["num_prompts"] + report["num_removed_duplicates"] == 121
     # Half the prompts need the cloud, so the oracle's APGR is 0.75 (a linear rise to share 0.5, then flat).
     assert report["methods"]["router"]["apgr"] > 0.7 > 0.55 > report["methods"]["random"]["apgr"]
+    # The paired bootstrap (on by default) brackets each APGR and shows the router's margin over length.
+    router_ci = report["methods"]["router"]["apgr_ci95"]
+    assert router_ci[0] < report["methods"]["router"]["apgr"] < router_ci[1]
+    assert report["methods"]["router"]["apgr_minus_length_ci95"][0] > 0
+    assert "Paired bootstrap" in result.output
 
     result = _invoke("export-onnx", "--router", out, "--out", tmp_path / "r.onnx")
     assert "ONNX matches Python" in " ".join(result.output.split())

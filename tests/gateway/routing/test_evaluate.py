@@ -7,6 +7,7 @@ import pytest
 
 from gateway.routing.evaluate import (
     apgr,
+    bootstrap_apgr,
     cpt,
     deduplicate,
     evaluate_router,
@@ -67,3 +68,44 @@ def test_dedup_drops_training_prompts_and_report_has_baselines():
     )
     assert report.num_removed_duplicates == 1
     assert set(report.methods) == {"router", "length", "random"}
+
+
+def _two_tier_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n prompts, the weak model fails a third of them; the 'difficulty' says which (with noise)."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.random(n)
+    weak = (difficulty + 0.3 * rng.standard_normal(n) < 0.67).astype(float)
+    return difficulty, np.ones(n), weak
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_are_paired():
+    difficulty, strong, weak = _two_tier_set(300, seed=7)
+    examples = [
+        Example(prompt="x" * (1 + i % 17), source="s", label=0.0, strong_quality=s, weak_quality=w)
+        for i, (s, w) in enumerate(zip(strong, weak, strict=True))
+    ]
+    by_prompt_order = iter(difficulty)
+    report = evaluate_router("s", examples, lambda ps: np.array([next(by_prompt_order) for _ in ps]), bootstrap=400)
+    router, length = report.methods["router"], report.methods["length"]
+    assert router.apgr_ci[0] < router.apgr < router.apgr_ci[1]
+    assert length.apgr_ci[0] < length.apgr < length.apgr_ci[1]
+    # The router knows the difficulty, length (the prompt index mod 17) does not: the paired margin is positive.
+    assert router.apgr_minus_length_ci[0] > 0.05
+    assert length.apgr_minus_length_ci is None and report.methods["random"].apgr_ci is None
+    d = report.as_dict()["methods"]
+    assert d["router"]["apgr_ci95"] == list(router.apgr_ci) and "apgr_ci95" not in d["random"]
+    # Without bootstrap nothing changes in the point estimates and no interval is reported.
+    by_prompt_order = iter(difficulty)
+    plain = evaluate_router("s", examples, lambda ps: np.array([next(by_prompt_order) for _ in ps]))
+    assert plain.methods["router"].apgr == router.apgr and plain.methods["router"].apgr_ci is None
+
+
+def test_bootstrap_is_paired_and_narrows_with_more_prompts():
+    widths = []
+    for n in (100, 1600):
+        difficulty, strong, weak = _two_tier_set(n, seed=3)
+        samples = bootstrap_apgr({"a": difficulty, "b": difficulty.copy()}, strong, weak, num_samples=300, seed=1)
+        np.testing.assert_array_equal(samples["a"], samples["b"])  # same resamples for every method
+        lo, hi = np.percentile(samples["a"], [2.5, 97.5])
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 4x narrower for 16x the prompts
